@@ -1,0 +1,196 @@
+"""The `neobench` command line. Each command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neobench.errors import NeobenchError
+from neobench.progress import console
+
+app = typer.Typer(
+    help="neobench: train and compare LLM-Neo (LoRA + KD) and its distillation baselines under one budget.",
+    no_args_is_help=True, pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Make training data.", no_args_is_help=True)
+student_app = typer.Typer(help="Make students from teachers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(student_app, name="student")
+
+WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, SYSTEM = (
+    "What to train", "Models", "Data", "Budget (shared by every method)", "Optimisation", "Adapter",
+    "Distillation", "System",
+)
+
+
+@app.command()
+def run(
+    preset: str = typer.Option("smol-cpu", help="Preset name (see `neobench list`) or path to a preset YAML.", rich_help_panel=WHAT),
+    method: Optional[str] = typer.Option(None, help="sft, lora, kd or neo. Omit (with --variant) for the whole matrix.", rich_help_panel=WHAT),
+    variant: Optional[str] = typer.Option(None, help="Adapter variant: lora, dora, pissa, rslora, moslora. Alone it means --method neo.", rich_help_panel=WHAT),
+    seeds: int = typer.Option(1, min=1, help="Repeat every run with seeds seed, seed+1, ...", rich_help_panel=WHAT),
+    loss: Optional[str] = typer.Option(None, help="Divergence of the KD term (forward_kl).", rich_help_panel=WHAT),
+    teacher: Optional[str] = typer.Option(None, help="Hub id, directory, .gguf file or smollm2-135m-instruct.", rich_help_panel=MODELS),
+    student: Optional[str] = typer.Option(None, help="Hub id, directory, .gguf file or pruned:N.", rich_help_panel=MODELS),
+    train_data: Optional[str] = typer.Option(None, help="Packaged data set, .jsonl/.json/.parquet file, or hub id[:config].", rich_help_panel=DATA),
+    train_split: Optional[str] = typer.Option(None, help="Split of the training data.", rich_help_panel=DATA),
+    max_examples: Optional[int] = typer.Option(None, help="Use the first N rows only.", rich_help_panel=DATA),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per example (longer ones are truncated).", rich_help_panel=DATA),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch.", rich_help_panel=BUDGET),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step.", rich_help_panel=BUDGET),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (0: one epoch).", rich_help_panel=BUDGET),
+    max_wall_seconds: Optional[float] = typer.Option(None, help="Stop training after this many seconds (0: no cap).", rich_help_panel=BUDGET),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of full fine-tuning (sft, kd).", rich_help_panel=OPTIM),
+    adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off).", rich_help_panel=OPTIM),
+    rank: Optional[int] = typer.Option(None, help="Adapter rank.", rich_help_panel=ADAPTER),
+    alpha: Optional[float] = typer.Option(None, help="Adapter alpha (default 2 x rank).", rich_help_panel=ADAPTER),
+    dropout: Optional[float] = typer.Option(None, help="Adapter dropout.", rich_help_panel=ADAPTER),
+    target_modules: Optional[str] = typer.Option(None, help="all-linear or comma-separated module names.", rich_help_panel=ADAPTER),
+    kd_ratio: Optional[float] = typer.Option(None, help="lambda in (1-lambda)*CE + lambda*KD.", rich_help_panel=KD),
+    temperature: Optional[float] = typer.Option(None, help="KD softmax temperature (term scaled by T^2).", rich_help_panel=KD),
+    seed: Optional[int] = typer.Option(None, help="Seed of adapter init and example order.", rich_help_panel=SYSTEM),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N].", rich_help_panel=SYSTEM),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.", rich_help_panel=SYSTEM),
+    runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
+    run_id: Optional[str] = typer.Option(None, hidden=True),
+    summary: bool = typer.Option(True, hidden=True),
+):
+    """Train students and record what each run consumed.
+
+    \b
+    neobench run --variant dora          LLM-Neo with DoRA adapters on the default preset
+    neobench run --method kd             one baseline
+    neobench run                         the matrix: sft, lora, kd, neo under one budget
+    neobench run --seeds 3               the matrix for seeds 0, 1, 2
+
+    Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json).
+    """
+    from neobench.config import apply_overrides, load_preset
+    from neobench.experiment import execute, execute_many, plan, summary_table
+
+    flags = {
+        "loss": loss, "teacher": teacher, "student": student, "train_data": train_data, "train_split": train_split,
+        "max_examples": max_examples, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+        "max_steps": max_steps, "max_wall_seconds": max_wall_seconds, "lr": lr, "adapter_lr": adapter_lr,
+        "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
+        "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
+        "temperature": temperature, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+    }
+    base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
+    if method is None and variant is None and run_id is not None:  # a matrix child: the preset file is resolved
+        method, variant = base.method, base.variant
+    cfgs = plan(base, method, variant, seeds)
+    results = [execute(cfgs[0], run_id=run_id)] if len(cfgs) == 1 else execute_many(cfgs)
+    if summary:
+        console.print(summary_table(results))
+        for r in results:
+            console.print(f"  {r['run_dir']}", highlight=False)
+
+
+@app.command("list")
+def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
+    """List methods, adapter variants, losses and presets."""
+    from rich.table import Table
+
+    from neobench.adapters import VARIANTS
+    from neobench.config import PRESETS, RunConfig, field_docs
+    from neobench.losses import DIVERGENCES
+    from neobench.methods import METHODS
+
+    table = Table(title="neobench registries", title_justify="left")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("what it is")
+    for name, m in METHODS.items():
+        table.add_row("method", name, f"{m.description} [trains {m.trains}]")
+    for name in VARIANTS:
+        table.add_row("variant", name, VARIANTS.get(name).description)
+    for name in DIVERGENCES:
+        table.add_row("loss", name, (DIVERGENCES.get(name).__doc__ or "").strip().splitlines()[0])
+    for name, path in PRESETS.items():
+        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+        table.add_row("preset", name, first)
+    console.print(table)
+    if fields:
+        docs = field_docs()
+        ftable = Table(title="config fields (preset YAML keys; --flag-name on the command line)", title_justify="left")
+        for col in ("field", "default", "meaning"):
+            ftable.add_column(col)
+        for name, value in RunConfig().to_dict().items():
+            ftable.add_row(name, repr(value), docs.get(name, ""))
+        console.print(ftable)
+
+
+@student_app.command("prune")
+def student_prune(
+    keep: int = typer.Option(..., help="Decoder layers to keep."),
+    teacher: str = typer.Option("smollm2-135m-instruct", help="Model to prune."),
+    data: str = typer.Option("magpie-smollm2", help="Calibration data (its first 64 training rows)."),
+    split: str = typer.Option("train", help="Split of the calibration data."),
+):
+    """Depth-prune the teacher to KEEP layers by block influence (cached; `--student pruned:KEEP` uses it)."""
+    import json
+
+    from neobench.models import resolve_model
+    from neobench.prune import pruned_student_dir
+
+    out = pruned_student_dir(resolve_model(teacher), keep, data, split)
+    card = json.loads((out / "prune_card.json").read_text())
+    console.print(f"kept layers {card['kept_layers']} ({card['parameters'] / 1e6:.1f}M parameters)")
+    console.print(f"student written to {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(None, help="Output directory (default: the packaged magpie-smollm2 data set)."),
+    teacher: str = typer.Option("smollm2-135m-instruct", help="Model that writes the data."),
+    n_train: int = typer.Option(2000, help="Training examples to keep."),
+    n_heldout: int = typer.Option(200, help="Held-out examples to keep."),
+    seed: int = typer.Option(0, help="Generation seed; the same seed gives the same rows."),
+    batch_size: int = typer.Option(48, help="Sequences generated at once."),
+):
+    """Synthesize instruction/response pairs from the teacher with Magpie (resumable)."""
+    from neobench.progress import CountProgress
+    from neobench.synth import SynthConfig, packaged_dataset, synthesize
+
+    cfg = SynthConfig(teacher=teacher, n_train=n_train, n_heldout=n_heldout, seed=seed, batch_size=batch_size)
+    out = out or packaged_dataset()
+    with CountProgress("synthesizing") as progress:
+        card = synthesize(cfg, out, progress)
+    console.print(f"wrote {card['files']['train.jsonl']['rows']} train + {card['files']['heldout.jsonl']['rows']} held-out rows to {out}")
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for neobench's own progress: no per-shard bars or deprecation chatter."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*tensor.detach.*")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def main():
+    quiet_libraries()
+    try:
+        app()
+    except NeobenchError as err:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

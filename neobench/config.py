@@ -1,0 +1,223 @@
+"""Run configuration: a frozen dataclass, filled from a preset YAML, then CLI flags.
+
+    preset YAML  ->  RunConfig  ->  dataclasses.replace(cfg, **cli_flags)  ->  validate()
+
+Every field carries a docstring (shown by ``neobench list --fields``). Unknown keys, wrong types
+and out-of-range values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from neobench.errors import NeobenchError
+from neobench.models import EMBEDDED_TEACHER
+from neobench.registry import Registry
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- what to train -------------------------------------------------------------------
+    preset: str = "smol-cpu"
+    """Name of the preset this config came from (recorded with the run)."""
+    method: str = "neo"
+    """Training method: sft, lora, kd, neo (see `neobench list`)."""
+    variant: Optional[str] = None
+    """Adapter variant for adapter methods (lora, dora, pissa, rslora, moslora); None means lora."""
+    loss: str = "forward_kl"
+    """Divergence D(teacher || student) used by KD methods."""
+
+    # --- models ----------------------------------------------------------------------------
+    teacher: str = EMBEDDED_TEACHER
+    """Teacher: hub id, local directory, .gguf file, or the embedded smollm2-135m-instruct."""
+    student: str = "pruned:15"
+    """Student: hub id, local directory, .gguf file, or pruned:N (teacher depth-pruned to N layers)."""
+
+    # --- data -----------------------------------------------------------------------------
+    train_data: str = "magpie-smollm2"
+    """Training data: a packaged data set name, a .jsonl/.json/.parquet file, or a hub id (id or id:config)."""
+    train_split: str = "train"
+    """Split of the training data (packaged sets: train or heldout; hub sets: any split)."""
+    max_examples: Optional[int] = None
+    """Use only the first N rows of the training data (None: all)."""
+    seq_len: int = 256
+    """Tokens per example; longer examples are truncated."""
+
+    # --- budget (identical for every method in a comparison) -------------------------------
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 0
+    """Optimizer steps; 0 means one epoch over the training data."""
+    max_wall_seconds: float = 0.0
+    """Stop training after this many seconds (0: no cap); the run records that it was capped."""
+
+    # --- optimisation ---------------------------------------------------------------------
+    lr: float = 2e-5
+    """Learning rate of full fine-tuning methods (sft, kd)."""
+    adapter_lr: Optional[float] = None
+    """Learning rate of adapter methods (lora, neo); None means 10 x lr, the LLM-Neo guideline."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warm-up before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: no clipping)."""
+
+    # --- adapters -------------------------------------------------------------------------
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: Optional[float] = None
+    """Adapter scaling alpha; None means 2 x rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: str = "all-linear"
+    """Which linear layers get adapters: all-linear (every decoder linear layer) or a comma-separated list."""
+
+    # --- distillation ---------------------------------------------------------------------
+    kd_ratio: float = 0.5
+    """lambda in (1 - lambda) * CE + lambda * KD."""
+    temperature: float = 1.0
+    """Softmax temperature of the KD term; the term is scaled by T^2 so its gradients keep their size."""
+
+    # --- system ---------------------------------------------------------------------------
+    seed: int = 0
+    """Seed for weights init of adapters and the order of examples."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    runs_dir: str = "runs"
+    """Where run directories are written."""
+
+    def effective_variant(self) -> Optional[str]:
+        from neobench.methods import METHODS
+
+        return (self.variant or "lora") if METHODS.get(self.method).trains == "adapter" else None
+
+    def effective_lr(self) -> float:
+        from neobench.methods import METHODS
+
+        if METHODS.get(self.method).trains == "adapter":
+            return self.adapter_lr if self.adapter_lr is not None else 10 * self.lr
+        return self.lr
+
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = [f.name for f in fields(RunConfig)]
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its docstring, read from this module's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(RunConfig))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = _HINTS[name]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise NeobenchError(f"config field {name!r} cannot be empty; give a {base.__name__}")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise NeobenchError(f"config field {name!r} must be a {base.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
+    """Return ``cfg`` with ``overrides`` applied; unknown keys name the valid ones."""
+    unknown = sorted(set(overrides) - set(FIELD_NAMES))
+    if unknown:
+        raise NeobenchError(f"unknown config key {unknown[0]!r} in {source}; valid keys: {', '.join(FIELD_NAMES)}")
+    return dataclasses.replace(cfg, **{k: _coerce(k, v) for k, v in overrides.items()})
+
+
+PRESETS: Registry[Path] = Registry("preset")
+for _path in sorted(PRESET_DIR.glob("*.yaml")):
+    PRESETS.add(_path.stem, _path)
+
+
+def load_preset(name_or_path: str) -> RunConfig:
+    """A packaged preset by name, or any YAML file with RunConfig keys."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESETS.get(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise NeobenchError(f"preset {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise NeobenchError(f"preset {str(path)!r} must be a mapping of config keys to values")
+    values.setdefault("preset", path.stem)
+    return apply_overrides(RunConfig(), values, f"preset {str(path)!r}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check names against their registries and numbers against their ranges."""
+    from neobench.adapters import VARIANTS
+    from neobench.losses import DIVERGENCES
+    from neobench.methods import METHODS
+
+    method = METHODS.get(cfg.method)
+    DIVERGENCES.get(cfg.loss)
+    if cfg.variant is not None:
+        VARIANTS.get(cfg.variant)
+        if method.trains != "adapter":
+            raise NeobenchError(
+                f"--variant {cfg.variant} needs an adapter method, but {cfg.method!r} trains all weights; "
+                f"use --method lora or --method neo"
+            )
+    checks = [
+        ("seq_len", cfg.seq_len >= 8, "at least 8"),
+        ("batch_size", cfg.batch_size >= 1, "at least 1"),
+        ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
+        ("max_steps", cfg.max_steps >= 0, "0 (one epoch) or more"),
+        ("max_examples", cfg.max_examples is None or cfg.max_examples >= 1, "at least 1"),
+        ("max_wall_seconds", cfg.max_wall_seconds >= 0, "0 (no cap) or more"),
+        ("lr", cfg.lr > 0, "positive"),
+        ("adapter_lr", cfg.adapter_lr is None or cfg.adapter_lr > 0, "positive"),
+        ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+        ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, "0 (off) or more"),
+        ("rank", cfg.rank >= 1, "at least 1"),
+        ("alpha", cfg.alpha is None or cfg.alpha > 0, "positive"),
+        ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
+        ("kd_ratio", 0 <= cfg.kd_ratio <= 1, "in [0, 1]"),
+        ("temperature", cfg.temperature > 0, "positive"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise NeobenchError(f"config field {name!r} must be {expected}, got {getattr(cfg, name)!r}")
+    return cfg

@@ -1,0 +1,9 @@
+"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+
+
+class NeobenchError(Exception):
+    """A problem with the user's input or environment.
+
+    The message is one line: what is wrong and how to fix it. The CLI prints it
+    without a traceback and exits with code 2.
+    """

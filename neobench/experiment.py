@@ -1,0 +1,124 @@
+"""Planning and executing runs: one run in-process, a matrix as one subprocess per run.
+
+Each run of a matrix gets its own process so that its peak memory is its own: a process that
+already trained KD keeps freed optimizer pages in its heap, which would inflate the next run.
+Loading the cached models takes under a second, so the isolation is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from neobench.config import RunConfig, validate
+from neobench.errors import NeobenchError
+from neobench.methods import DEFAULT_MATRIX, METHODS
+from neobench.progress import console
+from neobench.runs import RunWriter, new_run_id, read_run, versions
+
+
+def plan(base: RunConfig, method: Optional[str], variant: Optional[str], seeds: int = 1) -> list[RunConfig]:
+    """The runs a `neobench run` invocation means.
+
+    --method M [--variant V]  -> that run;  --variant V alone -> neo with V (LLM-Neo);
+    neither -> the default matrix (sft, lora, kd, neo) under one budget.
+    """
+    if method is None and variant is not None:
+        method = "neo"
+    methods = [method] if method else list(DEFAULT_MATRIX)
+    cfgs = []
+    for seed_offset in range(seeds):
+        for m in methods:
+            cfg = dataclasses.replace(base, method=m, variant=variant, seed=base.seed + seed_offset)
+            cfgs.append(validate(cfg))
+    return cfgs
+
+
+def run_label(cfg: RunConfig) -> str:
+    variant = cfg.effective_variant()
+    return f"{cfg.method}+{variant}" if variant else cfg.method
+
+
+def execute(cfg: RunConfig, run_id: Optional[str] = None, ws=None) -> dict:
+    """Train one run and write its directory; returns its metrics."""
+    from neobench.train import prepare, train
+
+    method = METHODS.get(cfg.method)
+    started = time.perf_counter()
+    if ws is None:
+        ws = prepare(cfg, need_teacher=method.uses_teacher)
+    console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
+    run_id = run_id or new_run_id(cfg)
+    with RunWriter(cfg.runs_dir, run_id) as writer:
+        writer.write_config(cfg)
+        progress = Progress(
+            TextColumn(f"[bold]{run_label(cfg)} s{cfg.seed}"), BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        )
+        from neobench.train import planned_steps
+
+        with progress:
+            task = progress.add_task("train", total=planned_steps(cfg, len(ws.data.examples)), info="")
+
+            def on_step(row: dict) -> None:
+                writer.log_step(row)
+                kd = f" kd {row['kd']:.3f}" if method.uses_teacher else ""
+                progress.update(task, completed=row["step"], info=f"loss {row['loss']:.3f} ce {row['ce']:.3f}{kd} | {row['tokens_per_s']:.0f} tok/s")
+
+            _, _, record = train(cfg, ws, on_step)
+        metrics = {
+            "run_id": run_id, "preset": cfg.preset, "method": cfg.method, "variant": cfg.effective_variant(),
+            "seed": cfg.seed, "loss": cfg.loss if method.uses_teacher else None,
+            "teacher": cfg.teacher, "student": cfg.student, "teacher_path": ws.teacher_path, "student_path": ws.student_path,
+            **record, "wall_seconds": time.perf_counter() - started, "versions": versions(),
+        }
+        writer.write_json("metrics.json", metrics)
+    metrics["run_dir"] = str(Path(cfg.runs_dir) / run_id)
+    return metrics
+
+
+def execute_many(cfgs: list[RunConfig]) -> list[dict]:
+    """Run each config in its own `neobench run` process (see the module docstring)."""
+    from neobench.train import prepare
+
+    # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
+    prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
+    results = []
+    for i, cfg in enumerate(cfgs, 1):
+        console.rule(f"[bold]run {i}/{len(cfgs)}: {run_label(cfg)} seed {cfg.seed}")
+        run_id = new_run_id(cfg)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(cfg.to_dict(), f)
+        cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", f.name, "--run-id", run_id, "--no-summary"]
+        code = subprocess.call(cmd)
+        Path(f.name).unlink()
+        if code != 0:
+            raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
+        results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
+    return results
+
+
+def summary_table(results: list[dict]) -> Table:
+    table = Table(title="neobench runs", title_justify="left")
+    for col in ("method", "seed", "steps", "tokens", "s/step", "tok/s", "peak mem", "trainable", "CE", "KD"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in results:
+        budget, cost, final = r["budget"], r["cost"], r["final"]
+        table.add_row(
+            f"{r['method']}+{r['variant']}" if r["variant"] else r["method"], str(r["seed"]),
+            f"{budget['steps']}/{budget['planned_steps']}", f"{budget['tokens']:,}",
+            f"{cost['seconds_per_step']:.1f}", f"{cost['tokens_per_second']:.0f}",
+            f"{cost['peak_memory_bytes'] / 2**30:.2f}G", f"{cost['trainable_params'] / 1e6:.1f}M",
+            f"{final['ce']:.3f}", f"{final['kd']:.3f}" if r["loss"] else "-",
+        )
+    return table

@@ -1,0 +1,78 @@
+"""Training methods: which weights train and which objective they minimise.
+
+A method is data, not a subclass: the one training loop in :mod:`neobench.train` asks it
+whether to attach an adapter and whether to run the teacher, then calls :func:`objective`.
+
+| method | trains            | objective                                   |
+|--------|-------------------|---------------------------------------------|
+| sft    | all weights       | CE                                          |
+| lora   | adapter (variant) | CE                                          |
+| kd     | all weights       | (1 - kd_ratio) * CE + kd_ratio * D(t || s)  |
+| neo    | adapter (variant) | (1 - kd_ratio) * CE + kd_ratio * D(t || s)  |
+
+CE is on response tokens only; D is the divergence chosen by ``loss`` (forward KL by default,
+as in LLM-Neo), per response token, averaged over response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from neobench.losses import DIVERGENCES, cross_entropy, next_token_targets
+from neobench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trains: str
+    """"all" (every student weight) or "adapter" (only adapter weights; the base is frozen)."""
+    uses_teacher: bool
+    """Whether the objective has a distillation term (and so the teacher runs)."""
+    description: str
+
+
+METHODS: Registry[Method] = Registry("method")
+for _m in (
+    Method("sft", "all", False, "full fine-tuning on the responses (CE)"),
+    Method("lora", "adapter", False, "adapter fine-tuning on the responses (CE)"),
+    Method("kd", "all", True, "full fine-tuning, (1-kd_ratio)*CE + kd_ratio*KL(teacher||student)"),
+    Method("neo", "adapter", True, "LLM-Neo: adapter, (1-kd_ratio)*CE + kd_ratio*KL(teacher||student)"),
+):
+    METHODS.add(_m.name, _m)
+
+# What `neobench run` trains when neither --method nor --variant is given.
+DEFAULT_MATRIX = ("sft", "lora", "kd", "neo")
+
+
+def objective(
+    method: Method,
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    *,
+    kd_ratio: float = 0.5,
+    temperature: float = 1.0,
+    loss: str = "forward_kl",
+    vocab_size: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """The method's loss on one batch.
+
+    student_logits, teacher_logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX outside responses.
+    vocab_size: the shared tokenizer vocabulary; logit rows past it (embedding padding) are dropped.
+    Returns {"loss", "ce", "kd"} as fp32 scalars ("kd" is 0 for methods without a teacher) and
+    "tokens", the number of response tokens the means are over.
+    """
+    mask, targets = next_token_targets(labels)
+    vocab = slice(None, vocab_size)
+    # Select response positions first so the fp32 upcasts below cover only those tokens.
+    s = student_logits[mask][:, vocab]
+    ce = cross_entropy(s, targets[mask])
+    if not method.uses_teacher:
+        return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce), "tokens": mask.sum()}
+    t = teacher_logits[mask][:, vocab]
+    kd = DIVERGENCES.get(loss)(s, t, temperature)
+    return {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce": ce, "kd": kd, "tokens": mask.sum()}

@@ -1,0 +1,232 @@
+"""The one training loop. Methods differ only in data: which weights train and which objective.
+
+    setup  : resolve teacher/student, tokenize data, check the shared vocabulary   (Workspace)
+    train  : for each optimizer step, for each micro-batch: forward, objective, backward
+    record : budget actually consumed + cost (time, memory, parameters) + final losses
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from neobench.adapters import apply_adapter
+from neobench.config import RunConfig
+from neobench.data import TokenizedData, collate, example_order, load_training_data
+from neobench.losses import next_token_targets
+from neobench.methods import METHODS, objective
+from neobench.models import (
+    check_shared_vocabulary,
+    load_causal_lm,
+    load_tokenizer,
+    output_rows,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+)
+from neobench.prune import parse_pruned_spec, pruned_student_dir
+
+
+@dataclass
+class Workspace:
+    """Everything a run needs that is shared by all runs of a matrix (loaded once)."""
+
+    cfg: RunConfig
+    teacher_path: str
+    student_path: str
+    tokenizer: object
+    data: TokenizedData
+    vocab_size: int
+    device: str
+    dtype: torch.dtype
+    _teacher: Optional[torch.nn.Module] = field(default=None, repr=False)
+
+    def teacher(self) -> torch.nn.Module:
+        if self._teacher is None:
+            self._teacher = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
+        return self._teacher
+
+
+def resolve_student(cfg: RunConfig, teacher_path: str) -> str:
+    keep = parse_pruned_spec(cfg.student)
+    if keep is None:
+        return resolve_model(cfg.student)
+    return str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
+
+
+def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
+    """Resolve models, tokenize the data and check that teacher and student share a vocabulary."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    teacher_path = resolve_model(cfg.teacher)
+    student_path = resolve_student(cfg, teacher_path)
+    tokenizer = load_tokenizer(student_path)
+    data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples)
+    ws = Workspace(cfg, teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype)
+    if need_teacher:
+        # Checked on tokenizers and configs, before any weights are loaded or steps taken.
+        ws.vocab_size = check_shared_vocabulary(
+            load_tokenizer(teacher_path), tokenizer, output_rows(teacher_path), output_rows(student_path),
+            cfg.teacher, cfg.student,
+        )
+    return ws
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated on GPU, process peak RSS (VmHWM) on CPU.
+
+    Writing 5 to /proc/self/clear_refs resets the kernel's RSS high-water mark, so the CPU
+    figure covers only the block, not model loading before it.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.startswith("cuda") else "rss"
+
+    def __enter__(self):
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.kind = "rss_process_lifetime"  # no reset possible: report the lifetime peak
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def peak_bytes(self) -> int:
+        if self.kind == "cuda_max_allocated":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def planned_steps(cfg: RunConfig, n_examples: int) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum
+    return cfg.max_steps or max(1, math.ceil(n_examples / per_step))
+
+
+def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
+    method = METHODS.get(cfg.method)
+    torch.manual_seed(cfg.seed)
+    student = load_causal_lm(ws.student_path, ws.dtype, ws.device)
+    student.config.use_cache = False
+    if method.trains == "adapter":
+        student = apply_adapter(
+            student, cfg.effective_variant(), cfg.rank, cfg.effective_alpha(), cfg.dropout, cfg.target_modules, cfg.seed
+        )
+    return student
+
+
+def train(
+    cfg: RunConfig, ws: Workspace, on_step: Optional[Callable[[dict], None]] = None
+) -> tuple[torch.nn.Module, list[dict], dict]:
+    """Train one student; returns (student, per-step log rows, run record)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    method = METHODS.get(cfg.method)
+    student = build_student(cfg, ws)
+    teacher = ws.teacher() if method.uses_teacher else None
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    n_steps = planned_steps(cfg, len(ws.data.examples))
+    per_step = cfg.batch_size * cfg.grad_accum
+    order = example_order(len(ws.data.examples), n_steps * per_step, cfg.seed)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * n_steps), n_steps)
+    pad_id = ws.tokenizer.pad_token_id
+
+    log: list[dict] = []
+    tokens = response_tokens = 0
+    stopped_by = "max_steps" if cfg.max_steps else "epoch"
+    memory = PeakMemory(ws.device)
+    with memory:
+        start = time.perf_counter()
+        for step in range(n_steps):
+            picks = order[step * per_step : (step + 1) * per_step]
+            micro_batches = [
+                collate([ws.data.examples[i] for i in picks[k : k + cfg.batch_size]], pad_id)
+                for k in range(0, per_step, cfg.batch_size)
+            ]
+            # Weight each micro-batch by its share of the step's response tokens, so the
+            # accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
+            step_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
+            totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+            for batch in micro_batches:
+                batch = {k: v.to(ws.device) for k, v in batch.items()}
+                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                parts = objective(
+                    method, logits, batch["labels"], teacher_logits, kd_ratio=cfg.kd_ratio,
+                    temperature=cfg.temperature, loss=cfg.loss, vocab_size=ws.vocab_size,
+                )
+                share = float(parts["tokens"]) / max(step_targets, 1)
+                (parts["loss"] * share).backward()
+                for k in totals:
+                    totals[k] += parts[k].item() * share
+                tokens += int(batch["attention_mask"].sum())
+                response_tokens += int(parts["tokens"])
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
+            )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            row = {
+                "step": step + 1, **totals, "lr": lr, "grad_norm": grad_norm,
+                "tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
+            }
+            log.append(row)
+            if on_step:
+                on_step(row)
+            if cfg.max_wall_seconds and elapsed >= cfg.max_wall_seconds and step + 1 < n_steps:
+                stopped_by = "max_wall_seconds"
+                break
+        wall = time.perf_counter() - start
+    peak = memory.peak_bytes()
+
+    last = log[-min(5, len(log)):]
+    record = {
+        "budget": {
+            "steps": len(log), "planned_steps": n_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "seq_len": cfg.seq_len, "examples_seen": len(log) * per_step, "tokens": tokens,
+            "response_tokens": response_tokens, "data_hash": ws.data.data_hash, "stopped_by": stopped_by,
+        },
+        "cost": {
+            "train_seconds": wall, "seconds_per_step": wall / len(log), "tokens_per_second": tokens / wall,
+            "peak_memory_bytes": peak, "memory_kind": memory.kind,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "total_params": sum(p.numel() for p in student.parameters()),
+            "device": ws.device, "dtype": str(ws.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+        },
+        "final": {
+            "loss": log[-1]["loss"], "ce": log[-1]["ce"], "kd": log[-1]["kd"],
+            "loss_last5_mean": sum(r["loss"] for r in last) / len(last),
+            "ce_last5_mean": sum(r["ce"] for r in last) / len(last),
+            "kd_last5_mean": sum(r["kd"] for r in last) / len(last),
+        },
+        "data": {"report": ws.data.report.__dict__, "data_hash": ws.data.data_hash},
+        "lr": cfg.effective_lr(),
+        "pid": os.getpid(),
+    }
+    return student, log, record

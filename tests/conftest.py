@@ -1,0 +1,114 @@
+"""Tiny models and data written to a temp dir: no network, seconds per test.
+
+The tokenizer is a 300-token byte-level BPE trained here with a ChatML template (the one
+SmolLM2 uses); teacher (4 layers) and student (2 layers) are random Llama models sharing it.
+The teacher's embedding is padded past the tokenizer (320 rows), as real checkpoints often are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a tiny model.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def tiny_rows(n: int = 24) -> list[dict]:
+    """Simple, learnable conversations: adding small numbers."""
+    rows = []
+    for i in range(n):
+        a, b = i % 5, (i * 3) % 7
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?"},
+            {"role": "assistant", "content": f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}."},
+        ]})
+    return rows
+
+
+def make_tokenizer(out: Path, vocab_size: int = 300, corpus_extra: str = ""):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [json.dumps(r) for r in tiny_rows(64)] + [CHATML, "You are a tiny model.", corpus_extra] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_llama(out: Path, tokenizer_dir: Path, layers: int, vocab_rows: int, seed: int = 0) -> Path:
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Paths of a tiny teacher, student, tokenizer and data sets."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok_dir = root / "tokenizer"
+    tokenizer = make_tokenizer(tok_dir)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows(24)))
+    return {
+        "tokenizer": tok_dir,
+        "vocab": len(tokenizer),
+        "teacher": make_llama(root / "teacher", tok_dir, layers=4, vocab_rows=320, seed=1),
+        "student": make_llama(root / "student", tok_dir, layers=2, vocab_rows=len(tokenizer), seed=2),
+        "data": data,
+    }
+
+
+@pytest.fixture
+def tiny_cfg(tiny, tmp_path):
+    """A RunConfig on the tiny models, with a budget of a few seconds."""
+    from neobench.config import RunConfig
+
+    return RunConfig(
+        preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
+        seq_len=64, batch_size=4, grad_accum=1, max_steps=3, lr=1e-3, rank=4, runs_dir=str(tmp_path / "runs"),
+    )
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch, request):
+    """Every test but the embedded-default ones gets its own empty neobench cache."""
+    if "embedded" not in request.keywords:
+        monkeypatch.setenv("NEOBENCH_CACHE", str(tmp_path / "cache"))
