@@ -69,6 +69,7 @@ def run(
     neobench run                         the matrix: sft, lora, kd, neo under one budget
     neobench run --seeds 3               the matrix for seeds 0, 1, 2
 
+    Flags left out take the preset's values (`neobench list --fields` shows every field).
     Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json).
     """
     from neobench.config import apply_overrides, load_preset
@@ -190,6 +191,9 @@ def main():
 
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: the unfinished run was discarded; finished runs are kept")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

