@@ -149,3 +149,14 @@ def test_block_influence_of_an_identity_layer_is_zero(tiny):
     scores = block_influence(model, [collate(data.examples, tok.pad_token_id)])
     assert scores[1] == pytest.approx(0.0, abs=1e-6)
     assert all(s > 1e-4 for i, s in enumerate(scores) if i != 1)
+
+
+def test_registry_refuses_duplicates_and_lists_valid_names_on_a_miss():
+    from neobench.registry import Registry
+
+    colours = Registry[int]("colour")
+    colours.add("red", 1)
+    with pytest.raises(ValueError, match="already registered"):
+        colours.add("red", 2)
+    with pytest.raises(NeobenchError, match="unknown colour 'blue'; valid: red"):
+        colours.get("blue")
