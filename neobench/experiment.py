@@ -109,16 +109,19 @@ def execute_many(cfgs: list[RunConfig]) -> list[dict]:
 
 
 def summary_table(results: list[dict]) -> Table:
-    table = Table(title="neobench runs", title_justify="left")
-    for col in ("method", "seed", "steps", "tokens", "s/step", "tok/s", "peak mem", "trainable", "CE", "KD"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    """One row per run; fits 80 columns (logs and pipes get no wider)."""
+    from rich import box
+
+    table = Table(title="neobench runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=0)
+    for col in ("method", "seed", "steps", "tokens", "s/step", "tok/s", "peak", "params", "CE", "KD"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in results:
         budget, cost, final = r["budget"], r["cost"], r["final"]
         table.add_row(
             f"{r['method']}+{r['variant']}" if r["variant"] else r["method"], str(r["seed"]),
-            f"{budget['steps']}/{budget['planned_steps']}", f"{budget['tokens']:,}",
+            f"{budget['steps']}/{budget['planned_steps']}", f"{budget['tokens'] / 1000:.1f}k",
             f"{cost['seconds_per_step']:.1f}", f"{cost['tokens_per_second']:.0f}",
-            f"{cost['peak_memory_bytes'] / 2**30:.2f}G", f"{cost['trainable_params'] / 1e6:.1f}M",
+            f"{cost['peak_memory_bytes'] / 2**30:.2f}G", f"{cost['trainable_params'] / 1e6:.1f}M",  # trainable
             f"{final['ce']:.3f}", f"{final['kd']:.3f}" if r["loss"] else "-",
         )
     return table
