@@ -59,7 +59,6 @@ def run(
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.", rich_help_panel=SYSTEM),
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),
-    summary: bool = typer.Option(True, hidden=True),
 ):
     """Train students and record what each run consumed.
 
@@ -84,14 +83,13 @@ def run(
         "temperature": temperature, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
     }
     base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
-    if method is None and variant is None and run_id is not None:  # a matrix child: the preset file is resolved
-        method, variant = base.method, base.variant
-    cfgs = plan(base, method, variant, seeds)
-    results = [execute(cfgs[0], run_id=run_id)] if len(cfgs) == 1 else execute_many(cfgs)
-    if summary:
-        console.print(summary_table(results))
-        for r in results:
-            console.print(f"  {r['run_dir']}", highlight=False)
+    if run_id is not None:  # a child of execute_many: the preset file is the fully resolved config
+        execute(plan(base, base.method, base.variant)[0], run_id=run_id)
+        return
+    results = execute_many(plan(base, method, variant, seeds))
+    console.print(summary_table(results))
+    for r in results:
+        console.print(f"  {r['run_dir']}", highlight=False)
 
 
 @app.command("list")
