@@ -80,7 +80,7 @@ def dequantize_gguf(gguf_file: Path, out_dir: Path) -> Path:
         return out_dir
     from neobench.progress import console
 
-    console.print(f"dequantizing {gguf_file.name} once; caching it as safetensors in {out_dir}", highlight=False)
+    console.print(f"dequantizing {gguf_file.name} once; caching it as safetensors in {out_dir}", highlight=False, soft_wrap=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
@@ -108,7 +108,7 @@ def _gguf_cache_key(path: Path) -> str:
 def resolve_model(spec: str) -> str:
     """Turn a teacher/student spec into something ``from_pretrained`` accepts (a dir or hub id).
 
-    ``pruned:N`` is resolved by :func:`neobench.prune.resolve_student`, which needs the data.
+    ``pruned:N`` is built by :func:`neobench.prune.pruned_student_dir`, which needs the data.
     """
     if spec == EMBEDDED_TEACHER:
         return str(dequantize_gguf(embedded_gguf_path(), cache_dir() / "models" / EMBEDDED_TEACHER))

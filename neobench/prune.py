@@ -101,7 +101,7 @@ def pruned_student_dir(teacher_path: str, keep: int, data_spec: str, data_split:
         return out
     from neobench.progress import console
 
-    console.print(f"pruning the teacher to {keep} layers by block influence on {len(data.examples)} examples (once; cached in {out})", highlight=False)
+    console.print(f"pruning the teacher to {keep} layers by block influence on {len(data.examples)} examples (once; cached in {out})", highlight=False, soft_wrap=True)
     teacher = load_causal_lm(teacher_path, torch.float32, "cpu")
     n_layers = len(decoder_layers(teacher))
     if keep >= n_layers:

@@ -18,7 +18,7 @@ import torch
 
 from neobench.adapters import apply_adapter
 from neobench.config import RunConfig
-from neobench.data import TokenizedData, collate, example_order, load_training_data
+from neobench.data import TokenizedData, collate, example_order, load_training_data, resolve_data_file
 from neobench.losses import next_token_targets
 from neobench.methods import METHODS, objective
 from neobench.models import (
@@ -53,19 +53,20 @@ class Workspace:
         return self._teacher
 
 
-def resolve_student(cfg: RunConfig, teacher_path: str) -> str:
-    keep = parse_pruned_spec(cfg.student)
-    if keep is None:
-        return resolve_model(cfg.student)
-    return str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
-
-
 def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
-    """Resolve models, tokenize the data and check that teacher and student share a vocabulary."""
+    """Resolve models, tokenize the data and check that teacher and student share a vocabulary.
+
+    Cheap checks (device, data file, student path) come before anything slow (dequantizing
+    or pruning), so a typo fails in a second, not after minutes.
+    """
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    resolve_data_file(cfg.train_data, cfg.train_split)
+    keep = parse_pruned_spec(cfg.student)
+    student_path = resolve_model(cfg.student) if keep is None else None
     teacher_path = resolve_model(cfg.teacher)
-    student_path = resolve_student(cfg, teacher_path)
+    if keep is not None:
+        student_path = str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
     tokenizer = load_tokenizer(student_path)
     data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples)
     ws = Workspace(cfg, teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype)
