@@ -63,7 +63,7 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, ws=None) -> dict:
     with RunWriter(cfg.runs_dir, run_id) as writer:
         writer.write_config(cfg)
         progress = Progress(
-            TextColumn(f"[bold]{run_label(cfg)} s{cfg.seed}"), BarColumn(),
+            TextColumn(f"[bold]{run_label(cfg)} s{cfg.seed}"), BarColumn(bar_width=16),
             TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
         )
