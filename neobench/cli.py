@@ -83,10 +83,15 @@ def run(
         "temperature": temperature, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
     }
     base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
-    if run_id is not None:  # a child of execute_many: the preset file is the fully resolved config
-        execute(plan(base, base.method, base.variant)[0], run_id=run_id)
-        return
-    results = execute_many(plan(base, method, variant, seeds))
+    try:
+        if run_id is not None:  # a child of execute_many: the preset file is the fully resolved config
+            execute(plan(base, base.method, base.variant)[0], run_id=run_id)
+            return
+        results = execute_many(plan(base, method, variant, seeds))
+    except KeyboardInterrupt:
+        if run_id is None:  # the parent speaks for both
+            console.print(f"interrupted: the unfinished run was discarded; finished runs stay in {base.runs_dir}/")
+        raise typer.Exit(130) from None
     console.print(summary_table(results))
     for r in results:
         console.print(f"  {r['run_dir']}", highlight=False)
@@ -189,9 +194,6 @@ def main():
 
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: the unfinished run was discarded; finished runs are kept")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

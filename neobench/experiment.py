@@ -10,6 +10,7 @@ minutes of training.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,8 +104,19 @@ def execute_many(cfgs: list[RunConfig]) -> list[dict]:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(cfg.to_dict(), f)
         cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", f.name, "--run-id", run_id]
-        code = subprocess.call(cmd)
-        Path(f.name).unlink()
+        child = subprocess.Popen(cmd)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            # Let the child discard its unfinished run directory before we stop.
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+        finally:
+            Path(f.name).unlink()
         if code != 0:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})

@@ -107,3 +107,22 @@ def test_shipped_data_matches_its_card():
     train = {json.loads(l)["messages"][0]["content"] for l in (root / "train.jsonl").read_text().splitlines()}
     heldout = {json.loads(l)["messages"][0]["content"] for l in (root / "heldout.jsonl").read_text().splitlines()}
     assert not train & heldout, "held-out prompts must not appear in training"
+
+
+def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
+    import signal
+    import time
+
+    flags = tiny_flags(tiny, tmp_path / "runs")
+    flags[flags.index("--max-steps") + 1] = "100000"  # long enough to be interrupted mid-training
+    proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", *flags],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
+        time.sleep(0.5)
+    time.sleep(2)  # a few steps in
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    assert "interrupted: the unfinished run was discarded" in stderr
+    assert list((tmp_path / "runs").iterdir()) == []
