@@ -13,7 +13,6 @@ a :class:`DataReport` by reason; nothing is dropped silently.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -277,7 +276,3 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(ex.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def report_dict(report: DataReport) -> dict[str, Any]:
-    return dataclasses.asdict(report)

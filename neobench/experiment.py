@@ -51,14 +51,13 @@ def run_label(cfg: RunConfig) -> str:
     return f"{cfg.method}+{variant}" if variant else cfg.method
 
 
-def execute(cfg: RunConfig, run_id: Optional[str] = None, ws=None) -> dict:
+def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
     """Train one run and write its directory; returns its metrics."""
     from neobench.train import prepare, train
 
     method = METHODS.get(cfg.method)
     started = time.perf_counter()
-    if ws is None:
-        ws = prepare(cfg, need_teacher=method.uses_teacher)
+    ws = prepare(cfg, need_teacher=method.uses_teacher)
     console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
     run_id = run_id or new_run_id(cfg)
     with RunWriter(cfg.runs_dir, run_id) as writer:

@@ -18,7 +18,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -81,15 +81,3 @@ class RunWriter:
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def list_runs(runs_dir: str | Path) -> list[Path]:
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "metrics.json").is_file())
-
-
-def find_run(runs_dir: str | Path, run_id: str) -> Optional[Path]:
-    path = Path(runs_dir) / run_id
-    return path if (path / "metrics.json").is_file() else None

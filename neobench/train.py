@@ -37,7 +37,6 @@ from neobench.prune import parse_pruned_spec, pruned_student_dir
 class Workspace:
     """Everything a run needs that is shared by all runs of a matrix (loaded once)."""
 
-    cfg: RunConfig
     teacher_path: str
     student_path: str
     tokenizer: object
@@ -69,7 +68,7 @@ def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
         student_path = str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
     tokenizer = load_tokenizer(student_path)
     data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples)
-    ws = Workspace(cfg, teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype)
+    ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype)
     if need_teacher:
         # Checked on tokenizers and configs, before any weights are loaded or steps taken.
         ws.vocab_size = check_shared_vocabulary(
