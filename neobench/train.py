@@ -116,6 +116,19 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def lr_multiplier(step: int, n_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay towards 0, as a factor of the peak learning rate.
+
+    transformers' get_cosine_schedule_with_warmup gives step 0 a learning rate of exactly 0,
+    which throws away the first step: 8% of a 12-step budget. Here warm-up step i (0-based) gets
+    (i + 1) / (warmup_steps + 1) of the peak, so every step trains.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, n_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def planned_steps(cfg: RunConfig, n_examples: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum
     return cfg.max_steps or max(1, math.ceil(n_examples / per_step))
@@ -137,8 +150,6 @@ def train(
     cfg: RunConfig, ws: Workspace, on_step: Optional[Callable[[dict], None]] = None
 ) -> tuple[torch.nn.Module, list[dict], dict]:
     """Train one student; returns (student, per-step log rows, run record)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     method = METHODS.get(cfg.method)
     student = build_student(cfg, ws)
     teacher = ws.teacher() if method.uses_teacher else None
@@ -148,7 +159,8 @@ def train(
     per_step = cfg.batch_size * cfg.grad_accum
     order = example_order(len(ws.data.examples), n_steps * per_step, cfg.seed)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * n_steps), n_steps)
+    warmup_steps = math.ceil(cfg.warmup_ratio * n_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, n_steps, warmup_steps))
     pad_id = ws.tokenizer.pad_token_id
 
     log: list[dict] = []

@@ -92,3 +92,21 @@ def test_wall_clock_cap_stops_early_and_says_so(workspace):
     _, log, record = train(cfg, ws)
     assert len(log) == 1
     assert record["budget"]["stopped_by"] == "max_wall_seconds" and record["budget"]["planned_steps"] == 50
+
+
+def test_lr_schedule_warms_up_then_decays_and_never_wastes_a_step():
+    from neobench.train import lr_multiplier
+
+    factors = [lr_multiplier(s, 12, 2) for s in range(12)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))  # cosine decay after the peak
+    assert min(factors) > 0, "every step must train"
+    assert lr_multiplier(0, 10, 0) == 1.0  # no warm-up: start at the peak
+
+
+def test_every_step_changes_the_weights(workspace):
+    base, ws = workspace
+    cfg = dataclasses.replace(base, method="sft", max_steps=1)  # one step, and it is a warm-up step
+    before = [p.detach().clone() for p in build_student(cfg, ws).parameters()]
+    student, _, _ = train(cfg, ws)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
