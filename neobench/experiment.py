@@ -2,9 +2,9 @@
 
 The parent validates the inputs and builds the shared artefacts (dequantized teacher, pruned
 student) once; then every run gets a fresh `neobench run` process, so its peak memory is its own.
-A process that has pruned a model or trained KD keeps freed pages in its heap, which would inflate
-the next figure. A child costs about 10 s (imports, tokenizing the data), which is small next to
-minutes of training.
+A process that has trained KD keeps the freed pages of its optimizer state in its heap, which
+would inflate the next run's figure. A child costs about 10 s (imports, tokenizing the data),
+small next to minutes of training.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def summary_table(results: list[dict]) -> Table:
     from rich import box
 
     table = Table(title="neobench runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=0)
-    for col in ("method", "seed", "steps", "tokens", "s/step", "tok/s", "peak", "params", "CE", "KD"):
+    for col in ("method", "seed", "steps", "tokens", "s/step", "tok/s", "peak", "trained", "CE", "KD"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in results:
         budget, cost, final = r["budget"], r["cost"], r["final"]
@@ -135,7 +135,7 @@ def summary_table(results: list[dict]) -> Table:
             f"{r['method']}+{r['variant']}" if r["variant"] else r["method"], str(r["seed"]),
             f"{budget['steps']}/{budget['planned_steps']}", f"{budget['tokens'] / 1000:.1f}k",
             f"{cost['seconds_per_step']:.1f}", f"{cost['tokens_per_second']:.0f}",
-            f"{cost['peak_memory_bytes'] / 2**30:.2f}G", f"{cost['trainable_params'] / 1e6:.1f}M",  # trainable
+            f"{cost['peak_memory_bytes'] / 2**30:.2f}G", f"{cost['trainable_params'] / 1e6:.1f}M",
             f"{final['ce']:.3f}", f"{final['kd']:.3f}" if r["loss"] else "-",
         )
     return table

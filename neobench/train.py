@@ -35,7 +35,7 @@ from neobench.prune import parse_pruned_spec, pruned_student_dir
 
 @dataclass
 class Workspace:
-    """Everything a run needs that is shared by all runs of a matrix (loaded once)."""
+    """Everything a run needs besides its student: resolved model paths, tokenized data, the teacher (loaded lazily)."""
 
     teacher_path: str
     student_path: str
