@@ -24,13 +24,15 @@ class Variant:
     description: str
     peft_options: dict[str, Any]
     """Extra LoraConfig arguments."""
+    rewrites_base: bool = False
+    """Whether initialisation changes the frozen base weights (PiSSA keeps W - BA), so they must be saved too."""
 
 
 VARIANTS: Registry[Variant] = Registry("variant")
 VARIANTS.add("lora", Variant("LoRA: dW = (alpha/r) B A", {}))
 VARIANTS.add("dora", Variant("DoRA: weight-decomposed LoRA (magnitude x direction)", {"use_dora": True}))
 # The randomized SVD (4 subspace iterations) is what the PiSSA authors recommend for speed.
-VARIANTS.add("pissa", Variant("PiSSA: A, B from the top-r singular vectors of W", {"init_lora_weights": "pissa_niter_4"}))
+VARIANTS.add("pissa", Variant("PiSSA: A, B from the top-r singular vectors of W", {"init_lora_weights": "pissa_niter_4"}, rewrites_base=True))
 VARIANTS.add("rslora", Variant("rsLoRA: scaling alpha/sqrt(r)", {"use_rslora": True}))
 # Plain LoRA, then a mixer is inserted between A and B: see add_moslora_mixers.
 VARIANTS.add("moslora", Variant("MoSLoRA: dW = (alpha/r) B M A, trainable r x r mixer M", {}))

@@ -20,10 +20,11 @@ student_app = typer.Typer(help="Make students from teachers.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 app.add_typer(student_app, name="student")
 
-WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, SYSTEM = (
+WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, EVAL, SYSTEM = (
     "What to train", "Models", "Data", "Budget (shared by every method)", "Optimisation", "Adapter",
-    "Distillation", "System",
+    "Distillation", "Evaluation (lm-evaluation-harness)", "System",
 )
+TASKS_HELP = "Comma-separated: neo_suite (the offline suite), its tasks, any lm-eval task (arc_easy, mmlu, ...), or none."
 
 
 @app.command()
@@ -54,13 +55,21 @@ def run(
     target_modules: Optional[str] = typer.Option(None, help="all-linear or comma-separated module names.", rich_help_panel=ADAPTER),
     kd_ratio: Optional[float] = typer.Option(None, help="lambda in (1-lambda)*CE + lambda*KD.", rich_help_panel=KD),
     temperature: Optional[float] = typer.Option(None, help="KD softmax temperature (term scaled by T^2).", rich_help_panel=KD),
+    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP, rich_help_panel=EVAL),
+    limit: Optional[int] = typer.Option(None, help="Documents per task (the first N).", rich_help_panel=EVAL),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own).", rich_help_panel=EVAL),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass when evaluating.", rich_help_panel=EVAL),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap evaluation prompts in the chat template (default: on).", show_default=False, rich_help_panel=EVAL),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out prompts/responses of the neo_* tasks (packaged set or file).", rich_help_panel=EVAL),
+    eval_split: Optional[str] = typer.Option(None, help="Split of --eval-data.", rich_help_panel=EVAL),
     seed: Optional[int] = typer.Option(None, help="Seed of adapter init and example order.", rich_help_panel=SYSTEM),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N].", rich_help_panel=SYSTEM),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.", rich_help_panel=SYSTEM),
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
+    save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` (default: on).", show_default=False, rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),
 ):
-    """Train students and record what each run consumed.
+    """Train students, record what each run consumed, and score them with lm-evaluation-harness.
 
     \b
     neobench run --variant dora          LLM-Neo with DoRA adapters on the default preset
@@ -69,10 +78,12 @@ def run(
     neobench run --seeds 3               the matrix for seeds 0, 1, 2
 
     Flags left out take the preset's values (`neobench list --fields` shows every field).
-    Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json).
+    Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json,
+    trained_weights.safetensors, evaluations/). After training, the student, the teacher and
+    the untrained student are scored on --tasks (reference scores are cached).
     """
     from neobench.config import apply_overrides, load_preset
-    from neobench.experiment import execute, execute_many, plan, summary_table
+    from neobench.experiment import execute, execute_many, matrix_scores, plan, summary_table
 
     flags = {
         "loss": loss, "teacher": teacher, "student": student, "train_data": train_data, "train_split": train_split,
@@ -81,6 +92,8 @@ def run(
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
         "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
         "temperature": temperature, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+        "save_weights": save_weights, "eval_data": eval_data, "eval_split": eval_split,
+        **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
     base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
     try:
@@ -95,15 +108,62 @@ def run(
     console.print(summary_table(results))
     for r in results:
         console.print(f"  {r['run_dir']}", highlight=False)
+    if len(results) > 1:
+        scores = matrix_scores(results)
+        if scores:
+            console.print(scores)
+
+
+def eval_flags(tasks, limit, num_fewshot, batch_size, chat_template) -> dict:
+    return {
+        "eval_tasks": tasks, "eval_limit": limit, "eval_num_fewshot": num_fewshot,
+        "eval_batch_size": batch_size, "eval_chat_template": chat_template,
+    }
+
+
+@app.command("eval")
+def eval_command(
+    run: Optional[str] = typer.Option(None, "--run", help="A run id under --runs-dir, or a run directory."),
+    model: Optional[str] = typer.Option(None, "--model", help="Any model: hub id, directory, .gguf file, smollm2-135m-instruct or pruned:N."),
+    preset: str = typer.Option("smol-cpu", help="For --model: preset giving the teacher (for neo_fidelity), dtype and evaluation defaults."),
+    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP),
+    limit: Optional[int] = typer.Option(None, help="Documents per task (the first N)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own)."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Wrap prompts in the chat template (default: on).", show_default=False),
+    runs_dir: str = typer.Option("runs", help="Where --run looks for run ids."),
+    out: Optional[Path] = typer.Option(None, help="Also write the results (JSON) to this file."),
+):
+    """Score a stored run's student, or any model, with lm-evaluation-harness.
+
+    \b
+    neobench eval --run RUN_ID                   re-score a run (its preset's tasks)
+    neobench eval --run RUN_ID --tasks arc_easy  another task; stored beside the first
+    neobench eval --model pruned:15 --limit 20   any model; results cached by content
+
+    A run's scores go to RUN_DIR/evaluations/; --model results to the neobench cache (and --out).
+    """
+    from neobench.experiment import evaluate_model, evaluate_run
+
+    if (run is None) == (model is None):
+        raise NeobenchError("give exactly one of --run RUN_ID or --model PATH_OR_ID")
+    flags = {k: v for k, v in eval_flags(tasks, limit, num_fewshot, batch_size, chat_template).items() if v is not None}
+    payload = evaluate_run(run, runs_dir, flags) if run else evaluate_model(model, preset, flags)
+    if out:
+        from neobench.evaluation import write_json_atomic
+
+        write_json_atomic(out, payload)
+        console.print(f"results written to {out}", highlight=False)
 
 
 @app.command("list")
 def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
-    """List methods, adapter variants, losses and presets."""
+    """List methods, adapter variants, losses, evaluation tasks and presets."""
     from rich.table import Table
 
     from neobench.adapters import VARIANTS
     from neobench.config import PRESETS, RunConfig, field_docs
+    from neobench.evaluation import SUITE_ALIAS, TASKS
     from neobench.losses import DIVERGENCES
     from neobench.methods import METHODS
 
@@ -117,6 +177,9 @@ def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list 
         table.add_row("variant", name, VARIANTS.get(name).description)
     for name in DIVERGENCES:
         table.add_row("loss", name, (DIVERGENCES.get(name).__doc__ or "").strip().splitlines()[0])
+    for name, task in TASKS.items():
+        table.add_row("task", name, f"{task.description} [{', '.join(task.metrics)}]")
+    table.add_row("task", SUITE_ALIAS, "all four neo_* tasks; any lm-eval task name also works")
     for name, path in PRESETS.items():
         first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
         table.add_row("preset", name, first)
@@ -177,6 +240,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # lm-eval and transformers draw bare tqdm bars (several per evaluation); neobench shows its own.
+    # tqdm reads this when first imported, which is after this point.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*tensor.detach.*")
     from transformers.utils import logging

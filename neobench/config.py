@@ -89,6 +89,22 @@ class RunConfig:
     temperature: float = 1.0
     """Softmax temperature of the KD term; the term is scaled by T^2 so its gradients keep their size."""
 
+    # --- evaluation (lm-evaluation-harness) -----------------------------------------------
+    eval_tasks: str = "neo_suite"
+    """Comma-separated tasks scored after training: neo_suite (the offline suite), its tasks, any lm-eval task, or none."""
+    eval_limit: Optional[int] = None
+    """Documents per task (the first N); None: all."""
+    eval_num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt; None: each task's default."""
+    eval_batch_size: int = 8
+    """Sequences per forward pass during evaluation."""
+    eval_chat_template: bool = True
+    """Wrap evaluation prompts in the model's chat template (as in training), when it has one."""
+    eval_data: str = "magpie-smollm2"
+    """Held-out prompts and responses of the neo_* tasks: a packaged data set or a file (any training row format)."""
+    eval_split: str = "heldout"
+    """Split of eval_data."""
+
     # --- system ---------------------------------------------------------------------------
     seed: int = 0
     """Seed for weights init of adapters and the order of examples."""
@@ -98,6 +114,8 @@ class RunConfig:
     """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
     runs_dir: str = "runs"
     """Where run directories are written."""
+    save_weights: bool = True
+    """Store the weights a run changed (adapters; all weights for sft/kd) so `neobench eval --run` can reload it."""
 
     def effective_variant(self) -> Optional[str]:
         from neobench.methods import METHODS
@@ -216,6 +234,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
         ("kd_ratio", 0 <= cfg.kd_ratio <= 1, "in [0, 1]"),
         ("temperature", cfg.temperature > 0, "positive"),
+        ("eval_limit", cfg.eval_limit is None or cfg.eval_limit >= 1, "at least 1"),
+        ("eval_num_fewshot", cfg.eval_num_fewshot is None or cfg.eval_num_fewshot >= 0, "0 or more"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, "at least 1"),
     ]
     for name, ok, expected in checks:
         if not ok:

@@ -52,13 +52,17 @@ def run_label(cfg: RunConfig) -> str:
 
 
 def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
-    """Train one run and write its directory; returns its metrics."""
-    from neobench.train import prepare, train
+    """Train one run, write its directory, then evaluate the student; returns its metrics."""
+    from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
+    from neobench.train import WEIGHTS_FILE, changed_weights, planned_steps, prepare, train
 
     method = METHODS.get(cfg.method)
     started = time.perf_counter()
-    ws = prepare(cfg, need_teacher=method.uses_teacher)
+    spec = EvalSpec.from_config(cfg)
+    ws = prepare(cfg, need_teacher=method.uses_teacher or FIDELITY in spec.tasks)
     console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
+    # Task names and data are checked before training, so a missing data set costs seconds, not a run.
+    taskset = load_tasks(spec, ws.student_path) if spec.tasks else None
     run_id = run_id or new_run_id(cfg)
     with RunWriter(cfg.runs_dir, run_id) as writer:
         writer.write_config(cfg)
@@ -67,8 +71,6 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
             TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
         )
-        from neobench.train import planned_steps
-
         with progress:
             task = progress.add_task("train", total=planned_steps(cfg, len(ws.data.examples)), info="")
 
@@ -77,7 +79,9 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
                 kd = f" kd {row['kd']:.3f}" if method.uses_teacher else ""
                 progress.update(task, completed=row["step"], info=f"loss {row['loss']:.3f} ce {row['ce']:.3f}{kd} | {row['tokens_per_s']:.0f} tok/s")
 
-            _, _, record = train(cfg, ws, on_step)
+            student, _, record = train(cfg, ws, on_step)
+        if cfg.save_weights:
+            writer.write_tensors(WEIGHTS_FILE, changed_weights(student, cfg))
         metrics = {
             "run_id": run_id, "preset": cfg.preset, "method": cfg.method, "variant": cfg.effective_variant(),
             "seed": cfg.seed, "loss": cfg.loss if method.uses_teacher else None,
@@ -85,8 +89,45 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
             **record, "wall_seconds": time.perf_counter() - started, "versions": versions(),
         }
         writer.write_json("metrics.json", metrics)
-    metrics["run_dir"] = str(Path(cfg.runs_dir) / run_id)
+    run_dir = Path(cfg.runs_dir) / run_id
+    metrics["run_dir"] = str(run_dir)
+    if taskset is not None:
+        evaluate_student(cfg, ws, student, run_dir, taskset)
     return metrics
+
+
+def evaluate_student(cfg: RunConfig, ws, student, run_dir: Path, taskset) -> dict:
+    """Score a trained student and the reference models; store all rows in the run directory."""
+    from neobench.adapters import merged_copy
+    from neobench.evaluation import (
+        FIDELITY, evaluate, evaluation_file, lm_eval_version, model_evaluation, scores_table, write_json_atomic,
+    )
+
+    spec = taskset.spec
+    teacher = ws.teacher() if FIDELITY in spec.tasks else None
+    console.print(f"evaluating {run_label(cfg)} on {', '.join(spec.tasks)} (limit {spec.limit or 'none'})", highlight=False)
+    evaluations = [evaluate(merged_copy(student), ws.tokenizer, taskset, teacher=teacher, vocab_size=ws.vocab_size, role="student")]
+    for role, path in (("teacher", ws.teacher_path), ("untrained_student", ws.student_path)):
+        result = model_evaluation(
+            role, path, taskset, ws.device, ws.dtype, model=teacher if role == "teacher" else None,
+            teacher_path=ws.teacher_path, teacher=teacher, vocab_size=ws.vocab_size,
+        )
+        how = "cached reference scores" if result["cached"] else f"scored in {result['seconds']:.0f} s"
+        console.print(f"[dim]{role}: {how}[/dim]", highlight=False)
+        evaluations.append(result)
+    payload = {"run_id": run_dir.name, "spec": spec.to_dict(), "lm_eval_version": lm_eval_version(), "evaluations": evaluations}
+    target = evaluation_file(run_dir, spec)
+    write_json_atomic(target, payload)
+    console.print(scores_table(score_rows(payload, run_label(cfg))))
+    console.print(f"[dim]student scored in {evaluations[0]['seconds']:.0f} s; written to {target}[/dim]", highlight=False)
+    return payload
+
+
+def score_rows(payload: dict, student_label: str) -> list[tuple[str, list[dict]]]:
+    """(label, rows) per model of a stored evaluation: teacher, untrained student, then the student."""
+    labels = {"teacher": "teacher", "untrained_student": "untrained", "student": student_label}
+    by_role = {e["role"]: e["rows"] for e in payload["evaluations"]}
+    return [(labels[role], by_role[role]) for role in ("teacher", "untrained_student", "student") if role in by_role]
 
 
 def execute_many(cfgs: list[RunConfig]) -> list[dict]:
@@ -94,7 +135,12 @@ def execute_many(cfgs: list[RunConfig]) -> list[dict]:
     from neobench.train import prepare
 
     # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
-    prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
+    ws = prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
+    from neobench.evaluation import EvalSpec, load_tasks
+
+    spec = EvalSpec.from_config(cfgs[0])
+    if spec.tasks:  # fail on a bad task name or missing data before the first run trains
+        load_tasks(spec, ws.student_path)
     results = []
     for i, cfg in enumerate(cfgs, 1):
         if len(cfgs) > 1:
@@ -139,3 +185,68 @@ def summary_table(results: list[dict]) -> Table:
             f"{final['ce']:.3f}", f"{final['kd']:.3f}" if r["loss"] else "-",
         )
     return table
+
+
+def find_run(run: str, runs_dir: str) -> Path:
+    """A run directory from a path or a run id under ``runs_dir``."""
+    for path in (Path(run), Path(runs_dir) / run):
+        if (path / "config.yaml").is_file() and (path / "metrics.json").is_file():
+            return path
+    raise NeobenchError(f"no run {run!r}: not a run directory nor a run id under {runs_dir}/ (`ls {runs_dir}` lists them)")
+
+
+def evaluate_run(run: str, runs_dir: str, eval_overrides: dict) -> dict:
+    """`neobench eval --run`: rebuild the run's student from its stored weights and score it."""
+    from neobench.config import apply_overrides, load_preset
+    from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
+    from neobench.train import WEIGHTS_FILE, load_trained_student, prepare
+
+    run_dir = find_run(run, runs_dir)
+    cfg = validate(apply_overrides(load_preset(str(run_dir / "config.yaml")), eval_overrides, "command-line flags"))
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise NeobenchError(f"run {run_dir.name} stored no weights (it ran with save_weights off); train it again to evaluate it")
+    spec = EvalSpec.from_config(cfg)
+    if not spec.tasks:
+        raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
+    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
+    taskset = load_tasks(spec, ws.student_path)
+    return evaluate_student(cfg, ws, load_trained_student(cfg, ws, weights), run_dir, taskset)
+
+
+def evaluate_model(model: str, preset: str, eval_overrides: dict) -> dict:
+    """`neobench eval --model`: score any model (cached by content) on the preset's evaluation."""
+    from neobench.config import apply_overrides, load_preset
+    from neobench.evaluation import FIDELITY, EvalSpec, load_tasks, model_evaluation, scores_table
+    from neobench.train import prepare
+
+    cfg = validate(apply_overrides(load_preset(preset), {**eval_overrides, "student": model}, "command-line flags"))
+    spec = EvalSpec.from_config(cfg)
+    if not spec.tasks:
+        raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
+    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
+    taskset = load_tasks(spec, ws.student_path)
+    result = model_evaluation(
+        "model", ws.student_path, taskset, ws.device, ws.dtype, teacher_path=ws.teacher_path, vocab_size=ws.vocab_size
+    )
+    how = "cached scores" if result["cached"] else f"scored in {result['seconds']:.0f} s"
+    console.print(scores_table([(model, result["rows"])], title=f"scores (± stderr), {how}"))
+    return result
+
+
+def matrix_scores(results: list[dict]):
+    """One scores table for a matrix: reference rows once, then every run's student."""
+    import json
+
+    from neobench.evaluation import scores_table
+
+    labelled: list[tuple[str, list[dict]]] = []
+    for i, r in enumerate(results):
+        files = sorted((Path(r["run_dir"]) / "evaluations").glob("*.json"))
+        if not files:
+            continue
+        payload = json.loads(files[0].read_text())
+        label = f"{r['method']}+{r['variant']}" if r["variant"] else r["method"]
+        rows = score_rows(payload, f"{label} s{r['seed']}")
+        labelled += rows if not labelled else rows[-1:]
+    return scores_table(labelled) if labelled else None

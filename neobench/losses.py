@@ -37,6 +37,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="mean")
 
 
+def token_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student) of each token, in fp32. [N, V], [N, V] -> [N] (no T^2 scaling)."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over tokens of KL(p_teacher || p_student) over the full vocabulary, times T^2.
 
@@ -46,10 +53,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     """
     if student_logits.shape[0] == 0:
         return student_logits.float().sum() * 0.0
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
-    return per_token.mean() * temperature**2
+    return token_forward_kl(student_logits, teacher_logits, temperature).mean() * temperature**2
 
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]

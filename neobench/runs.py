@@ -1,12 +1,15 @@
 """Run directories: how a run is written, found and read back.
 
     runs/<run_id>/
-        config.yaml       the resolved RunConfig
-        train_log.jsonl   one row per optimizer step
-        metrics.json      budget, cost, final losses, data report, versions
+        config.yaml                   the resolved RunConfig
+        train_log.jsonl               one row per optimizer step
+        metrics.json                  budget, cost, final losses, data report, versions
+        trained_weights.safetensors   the tensors training changed (see neobench.train.changed_weights)
+        evaluations/<spec hash>.json  scores of the student and the reference models (neobench.evaluation)
 
 A run is written under ``runs/.tmp-<run_id>/`` and renamed into place only when complete, so a
-killed run never leaves a half-written result; readers skip dot-directories.
+killed run never leaves a half-written result; readers skip dot-directories. Evaluations are
+added afterwards, each file written atomically, so a failed evaluation never loses the run.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class RunWriter:
     def log_step(self, row: dict) -> None:
         self._log.write(json.dumps(row) + "\n")
         self._log.flush()
+
+    def write_tensors(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(self.tmp / name))
 
     def write_json(self, name: str, payload: dict) -> None:
         (self.tmp / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")

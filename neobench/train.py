@@ -19,6 +19,7 @@ import torch
 from neobench.adapters import apply_adapter
 from neobench.config import RunConfig
 from neobench.data import TokenizedData, collate, example_order, load_training_data, resolve_data_file
+from neobench.errors import NeobenchError
 from neobench.losses import next_token_targets
 from neobench.methods import METHODS, objective
 from neobench.models import (
@@ -144,6 +145,38 @@ def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
             student, cfg.effective_variant(), cfg.rank, cfg.effective_alpha(), cfg.dropout, cfg.target_modules, cfg.seed
         )
     return student
+
+
+WEIGHTS_FILE = "trained_weights.safetensors"
+
+
+def changed_weights(student: torch.nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The tensors training changed: trainable ones, plus base weights an adapter's init rewrote (PiSSA).
+
+    Saving these (not a merged model) keeps adapter runs small: megabytes, not the whole student.
+    """
+    from neobench.adapters import VARIANTS
+
+    variant = cfg.effective_variant()
+    rewrites_base = variant is not None and VARIANTS.get(variant).rewrites_base
+    return {
+        name: p.detach().cpu().contiguous()
+        for name, p in student.named_parameters()
+        if p.requires_grad or (rewrites_base and ".base_layer." in name)
+    }
+
+
+def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.nn.Module:
+    """Rebuild a run's student (base + adapter as configured) and load the weights it stored."""
+    from safetensors.torch import load_file
+
+    student = build_student(cfg, ws)
+    state = load_file(str(weights_file), device=ws.device)
+    missing = set(state) - {name for name, _ in student.named_parameters()}
+    if missing:
+        raise NeobenchError(f"{weights_file} does not fit this run's student (e.g. {sorted(missing)[0]!r}); was the run's config edited?")
+    student.load_state_dict(state, strict=False)
+    return student.eval()
 
 
 def train(

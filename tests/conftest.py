@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CHATML = (
@@ -104,6 +105,7 @@ def tiny_cfg(tiny, tmp_path):
     return RunConfig(
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
         seq_len=64, batch_size=4, grad_accum=1, max_steps=3, lr=1e-3, rank=4, runs_dir=str(tmp_path / "runs"),
+        eval_tasks="none", eval_data=str(tiny["data"]), eval_split="train", eval_limit=6, eval_batch_size=4,
     )
 
 

@@ -23,6 +23,7 @@ def tiny_flags(tiny, runs_dir):
     return [
         "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--train-data", str(tiny["data"]),
         "--seq-len", "64", "--batch-size", "4", "--max-steps", "2", "--rank", "4", "--runs-dir", str(runs_dir),
+        "--tasks", "none", "--eval-data", str(tiny["data"]), "--eval-split", "train", "--limit", "6",
     ]
 
 

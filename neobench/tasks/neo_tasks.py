@@ -1,0 +1,13 @@
+"""lm-eval hooks for neobench's offline tasks (the YAML files here name them with ``!function``).
+
+The logic lives in :mod:`neobench.suite`, where it is importable and tested; lm-eval loads this
+file by path, so it only re-exports.
+"""
+
+from neobench.suite import (  # noqa: F401
+    load_heldout_match,
+    load_heldout_nll,
+    load_pydoc_windows,
+    process_heldout_nll,
+    process_pydoc_bpb,
+)

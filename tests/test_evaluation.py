@@ -1,0 +1,134 @@
+"""Evaluation: the offline suite through lm-eval, equality with lm-eval's own `hf` model, stored results."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from neobench.errors import NeobenchError
+from neobench.evaluation import SUITE, TASKS, EvalSpec, evaluate, load_tasks, model_evaluation, parse_task_list
+from neobench.suite import heldout_pairs, match_docs, pydoc_windows, response_opening
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tiny):
+    return EvalSpec(tasks=SUITE, limit=6, batch_size=4, heldout_data=str(tiny["data"]), heldout_split="train")
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_task_lists_expand_the_suite_and_keep_order():
+    assert parse_task_list("neo_suite") == SUITE
+    assert parse_task_list("arc_easy, neo_suite,arc_easy") == ("arc_easy", *SUITE)
+    assert parse_task_list("none") == ()
+
+
+def test_bundled_tasks_run_through_lm_eval_and_produce_every_metric(tiny, tiny_spec):
+    student, tokenizer = load(tiny["student"])
+    teacher, _ = load(tiny["teacher"])
+    taskset = load_tasks(tiny_spec, str(tiny["student"]))
+    result = evaluate(student, tokenizer, taskset, teacher=teacher, vocab_size=tiny["vocab"])
+    got = {(r["task"], r["metric"]): r for r in result["rows"]}
+    expected = {(name, metric) for name in TASKS for metric in TASKS.get(name).metrics}
+    assert set(got) == expected
+    for (task, metric), row in got.items():
+        assert math.isfinite(row["value"]) and row["stderr"] is not None and row["stderr"] >= 0, (task, metric)
+        assert row["n_docs"] == 6 and row["limit"] == 6 and len(row["task_hash"]) == 64
+        assert row["higher_is_better"] is (metric in ("acc", "acc_norm", "top1_agreement"))
+    nll, ppl = got[("neo_heldout_nll", "nll")]["value"], got[("neo_heldout_nll", "perplexity")]["value"]
+    assert ppl == pytest.approx(math.exp(nll), rel=1e-9)  # perplexity is exp(mean per-token NLL)
+    assert got[("neo_pydoc_bpb", "bits_per_byte")]["value"] > 0
+    assert 0 <= got[("neo_fidelity", "top1_agreement")]["value"] <= 1 and got[("neo_fidelity", "kl")]["value"] > 0
+    assert result["lm_eval_version"] and result["spec"]["limit"] == 6
+
+
+def test_scores_equal_lm_eval_hf_model_loading_the_same_directory(tiny, tiny_spec):
+    """neobench's in-memory HFLM and lm-eval's own `hf` loader must agree to 1e-4."""
+    from lm_eval import simple_evaluate
+
+    spec = dataclasses.replace(tiny_spec, tasks=tuple(t for t in SUITE if TASKS.get(t).via_lm_eval))
+    taskset = load_tasks(spec, str(tiny["student"]))
+    ours = model_evaluation("model", str(tiny["student"]), taskset, "cpu", torch.float32)["rows"]
+    theirs = simple_evaluate(
+        model="hf", model_args={"pretrained": str(tiny["student"]), "device": "cpu", "dtype": "float32"},
+        tasks=spec.lm_eval_tasks, task_manager=taskset.manager, limit=spec.limit, batch_size=spec.batch_size,
+        apply_chat_template=True, bootstrap_iters=spec.bootstrap_iters, log_samples=False,
+    )["results"]
+    assert len(ours) == 5
+    for row in ours:
+        reference = theirs[row["task"]]
+        assert row["value"] == pytest.approx(reference[f"{row['metric']},none"], abs=1e-4), row
+        assert row["stderr"] == pytest.approx(reference[f"{row['metric']}_stderr,none"], abs=1e-4), row
+
+
+def test_match_distractors_never_include_the_true_response():
+    pairs = heldout_pairs()
+    assert len(pairs) == 200
+    docs = match_docs(pairs)
+    assert docs == match_docs(pairs), "a fixed seed gives the same docs"
+    for pair, doc in zip(pairs, docs):
+        true = response_opening(pair["response"])
+        assert doc["choices"][doc["gold"]] == true
+        assert len(set(doc["choices"])) == 4 and doc["choices"].count(true) == 1
+    assert len({d["gold"] for d in docs}) == 4, "the true answer moves between positions"
+
+
+def test_duplicate_responses_are_never_distractors():
+    pairs = [{"prompt": f"p{i}", "response": "same answer" if i < 3 else f"answer {i}"} for i in range(8)]
+    for doc in match_docs(pairs):
+        assert len(set(doc["choices"])) == 4
+    for doc in match_docs(pairs)[:3]:
+        assert doc["choices"].count("same answer") == 1
+
+
+def test_pydoc_windows_are_fixed_in_length_and_number():
+    windows = pydoc_windows()
+    assert len(windows) == 32 and {len(w["text"]) for w in windows} == {1024}
+    assert windows == pydoc_windows()
+
+
+def test_missing_standard_task_data_names_the_data_set(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-datasets-cache"))
+    with pytest.raises(NeobenchError) as err:
+        load_tasks(EvalSpec(tasks=("arc_easy",)), str(tiny["student"]))
+    message = str(err.value)
+    assert "'arc_easy'" in message and "allenai/ai2_arc" in message and "load_dataset" in message
+    assert "\n" not in message
+
+
+def test_unknown_task_suggests_close_names(tiny):
+    with pytest.raises(NeobenchError, match=r"unknown task 'arc_esay'; did you mean arc_easy"):
+        load_tasks(EvalSpec(tasks=("arc_esay",)), str(tiny["student"]))
+
+
+def test_a_run_stores_student_and_reference_scores(tiny_cfg):
+    from neobench.experiment import evaluate_run, execute
+
+    cfg = dataclasses.replace(tiny_cfg, method="neo", variant="moslora", eval_tasks="neo_suite", eval_limit=4)
+    metrics = execute(cfg)
+    (stored,) = list((__import__("pathlib").Path(metrics["run_dir"]) / "evaluations").glob("*.json"))
+    payload = json.loads(stored.read_text())
+    roles = {e["role"]: e for e in payload["evaluations"]}
+    assert set(roles) == {"student", "teacher", "untrained_student"}
+    assert not roles["teacher"]["cached"] and not roles["untrained_student"]["cached"]
+    assert {r["task"] for r in roles["teacher"]["rows"]} == set(SUITE) - {"neo_fidelity"}
+    assert {r["task"] for r in roles["student"]["rows"]} == set(SUITE)
+    for row in roles["student"]["rows"]:
+        assert {"value", "stderr", "higher_is_better", "task_hash", "num_fewshot", "limit", "evaluator"} <= set(row)
+    assert payload["lm_eval_version"]
+
+    # A second run pays nothing for the references; re-scoring from stored weights gives the same numbers.
+    second = execute(dataclasses.replace(cfg, seed=1))
+    (stored2,) = list((__import__("pathlib").Path(second["run_dir"]) / "evaluations").glob("*.json"))
+    again = {e["role"]: e for e in json.loads(stored2.read_text())["evaluations"]}
+    assert again["teacher"]["cached"] and again["untrained_student"]["cached"]
+    rescored = evaluate_run(metrics["run_id"], cfg.runs_dir, {})
+    before = {(r["task"], r["metric"]): r["value"] for r in roles["student"]["rows"]}
+    after = {(r["task"], r["metric"]): r["value"] for r in rescored["evaluations"][0]["rows"]}
+    assert after == pytest.approx(before, abs=1e-5)
