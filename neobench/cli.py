@@ -240,8 +240,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # lm-eval and transformers draw bare tqdm bars (several per evaluation); neobench shows its own.
-    # tqdm reads this when first imported, which is after this point.
+    # Bare tqdm bars (GGUF conversion, lm-eval's context building) add noise, not information.
+    # tqdm reads this when first imported, which is after this point; bars that pass disable=
+    # explicitly (lm-eval's request loop, with its ETA) still show.
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*tensor.detach.*")

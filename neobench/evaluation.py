@@ -236,13 +236,15 @@ def _lm_eval_rows(model, tokenizer, taskset: TaskSet, role: str) -> list[dict[st
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from neobench.progress import spinner
+    from neobench.progress import console
 
     spec = taskset.spec
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    console.print(f"[dim]{role}: lm-eval on {', '.join(spec.lm_eval_tasks)}[/dim]", highlight=False)
     # One call for all tasks: each simple_evaluate also collects environment info (~3.5 s).
-    # lm-eval prints "bootstrapping for stddev" to stdout; neobench keeps stdout for results.
-    with spinner(f"{role}: lm-eval on {', '.join(spec.lm_eval_tasks)}"), contextlib.redirect_stdout(io.StringIO()):
+    # lm-eval's own progress bars (tokenizing, requests) stay: they show the ETA. Its
+    # "bootstrapping for stddev" lines go to stdout, which neobench keeps for results.
+    with contextlib.redirect_stdout(io.StringIO()):
         results = simple_evaluate(
             model=lm, tasks=spec.lm_eval_tasks, task_manager=taskset.manager, limit=spec.limit,
             num_fewshot=spec.num_fewshot, apply_chat_template=spec.chat_template and bool(tokenizer.chat_template),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
 
@@ -35,9 +33,3 @@ class CountProgress:
     def update(self, done: int, info: str = ""):
         self.bar.update(self.task, completed=done, info=info)
 
-
-def spinner(description: str) -> Progress:
-    """A spinner with elapsed time for work of unknown length (use as a context manager)."""
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-    progress.add_task(description, total=None)
-    return progress

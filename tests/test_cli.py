@@ -64,6 +64,7 @@ def test_variant_alone_runs_llm_neo(tiny, tmp_path):
     (["--kd-ratio", "2"], "config field 'kd_ratio' must be in [0, 1], got 2.0"),
     (["--train-data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
     (["--student", "./nowhere"], "model path './nowhere' does not exist"),
+    (["--limit", "0"], "config field 'eval_limit' must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     result = neobench("run", *args, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
@@ -89,7 +90,8 @@ def test_a_run_that_dies_leaves_nothing_behind(tiny_cfg, monkeypatch):
 def test_list_shows_every_registry():
     result = neobench("list")
     assert result.returncode == 0
-    for name in ("sft", "lora", "kd", "neo", "dora", "pissa", "rslora", "moslora", "forward_kl", "smol-cpu", "paper-llama3.2"):
+    for name in ("sft", "lora", "kd", "neo", "dora", "pissa", "rslora", "moslora", "forward_kl", "smol-cpu", "paper-llama3.2",
+                 "neo_heldout_nll", "neo_heldout_match", "neo_pydoc_bpb", "neo_fidelity", "neo_suite"):
         assert name in result.stderr
 
 
@@ -127,3 +129,33 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
     assert proc.returncode == 130
     assert "interrupted: the unfinished run was discarded" in stderr
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path):
+    flags = tiny_flags(tiny, tmp_path / "runs")
+    flags[flags.index("--tasks") + 1] = "neo_heldout_nll,neo_fidelity"
+    result = neobench("run", "--variant", "lora", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scores (± stderr)" in result.stderr and "untrained" in result.stderr and "teacher" in result.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert "trained_weights.safetensors" in {p.name for p in before}
+
+    # A standard task whose data cannot be had: one line naming the data set, the run untouched.
+    missing = neobench("eval", "--run", run.name, "--runs-dir", str(tmp_path / "runs"), "--tasks", "arc_easy",
+                       env={"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")})
+    assert missing.returncode == 2
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: task 'arc_easy' needs the data set allenai/ai2_arc"), missing.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "give exactly one of --run RUN_ID or --model PATH_OR_ID"),
+    (["--run", "nope"], "no run 'nope'"),
+])
+def test_eval_bad_input_is_one_line(tmp_path, args, message):
+    result = neobench("eval", *args, "--runs-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

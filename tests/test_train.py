@@ -9,7 +9,7 @@ from neobench.adapters import VARIANTS, apply_adapter, merged_copy
 from neobench.data import collate
 from neobench.methods import METHODS, objective
 from neobench.models import load_causal_lm
-from neobench.train import build_student, prepare, train
+from neobench.train import WEIGHTS_FILE, build_student, changed_weights, load_trained_student, prepare, train
 
 CASES = [(m, None) for m, spec in METHODS.items() if spec.trains == "all"] + [
     (m, v) for m, spec in METHODS.items() if spec.trains == "adapter" for v in VARIANTS
@@ -38,7 +38,7 @@ def fixed_batch_loss(cfg, ws, student):
 
 
 @pytest.mark.parametrize("method,variant", CASES, ids=[f"{m}-{v or 'full'}" for m, v in CASES])
-def test_every_method_and_variant_lowers_its_loss(workspace, method, variant):
+def test_every_method_and_variant_lowers_its_loss(workspace, method, variant, tmp_path):
     base, ws = workspace
     cfg = dataclasses.replace(base, method=method, variant=variant)
     before = fixed_batch_loss(cfg, ws, build_student(cfg, ws).eval())
@@ -52,6 +52,16 @@ def test_every_method_and_variant_lowers_its_loss(workspace, method, variant):
     else:
         assert trainable == total
     assert (record["final"]["kd"] > 0) == METHODS.get(method).uses_teacher
+
+    # The stored weights rebuild the same student (what `neobench eval --run` relies on).
+    from safetensors.torch import save_file
+
+    weights = tmp_path / WEIGHTS_FILE
+    save_file(changed_weights(student, cfg), str(weights))
+    reloaded = load_trained_student(cfg, ws, weights)
+    batch = collate(ws.data.examples, ws.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=batch["input_ids"]).logits, student(input_ids=batch["input_ids"]).logits, atol=1e-5)
 
 
 def test_moslora_starts_unchanged_and_merges_to_the_same_outputs(tiny):
