@@ -134,38 +134,38 @@ def _load_hub_rows(spec: str, split: str, limit: Optional[int]) -> list[Any]:
 # --- rows -> messages -------------------------------------------------------------------
 
 
-class _Malformed(Exception):
-    pass
+class MalformedRow(Exception):
+    """A row that cannot be read as a conversation (counted as "malformed", never fatal)."""
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str):
-        raise _Malformed
+        raise MalformedRow
     return value
 
 
 def to_messages(row: Any) -> list[dict[str, str]]:
-    """Normalise a row to chat messages; raises _Malformed for rows of no known shape."""
+    """Normalise a row to chat messages; raises MalformedRow for rows of no known shape."""
     if not isinstance(row, dict):
-        raise _Malformed
+        raise MalformedRow
     if "messages" in row:
         turns = row["messages"]
         if not isinstance(turns, list):
-            raise _Malformed
+            raise MalformedRow
         messages = []
         for t in turns:
             if not isinstance(t, dict) or t.get("role") not in CHAT_ROLES:
-                raise _Malformed
+                raise MalformedRow
             messages.append({"role": t["role"], "content": _text(t.get("content"))})
         return messages
     if "conversations" in row:
         turns = row["conversations"]
         if not isinstance(turns, (list, np.ndarray)):
-            raise _Malformed
+            raise MalformedRow
         messages = []
         for t in turns:
             if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES:
-                raise _Malformed
+                raise MalformedRow
             messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": _text(t.get("value"))})
         return messages
     if "instruction" in row and "output" in row:
@@ -176,7 +176,7 @@ def to_messages(row: Any) -> list[dict[str, str]]:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row["output"])}]
     if "prompt" in row and "response" in row:
         return [{"role": "user", "content": _text(row["prompt"])}, {"role": "assistant", "content": _text(row["response"])}]
-    raise _Malformed
+    raise MalformedRow
 
 
 def is_empty(messages: list[dict[str, str]]) -> bool:
@@ -202,7 +202,7 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], l
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip()
         if not (full.startswith(before) and full.startswith(through)):
-            raise _Malformed  # a template that rewrites earlier turns; the reply cannot be located
+            raise MalformedRow  # a template that rewrites earlier turns; the reply cannot be located
         spans.append((len(before), len(through)))
     # The template already holds any BOS token, so the tokenizer must not add another.
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -223,7 +223,7 @@ def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str) -> Toke
                 report.drop("empty")
                 continue
             input_ids, labels = encode_chat(tokenizer, messages)
-        except _Malformed:
+        except MalformedRow:
             report.drop("malformed")
             continue
         if len(input_ids) > seq_len:

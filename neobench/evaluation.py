@@ -142,11 +142,11 @@ def load_tasks(spec: EvalSpec, tokenizer_path: str) -> TaskSet:
         for name in standard:
             if name not in manager.all_tasks:
                 close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise NeobenchError(
-                    f"unknown task {name!r}{hint} neobench's own: {', '.join(TASKS)} ({SUITE_ALIAS} = all four); "
-                    "any lm-eval task name also works (`lm-eval ls tasks` lists them)"
-                )
+                parts = [f"unknown task {name!r}"] + ([f"did you mean {', '.join(close)}?"] if close else []) + [
+                    f"neobench's own: {', '.join(TASKS)} ({SUITE_ALIAS} = all four); any lm-eval task name "
+                    "also works (`lm-eval ls tasks` lists them)"
+                ]
+                raise NeobenchError("; ".join(parts))
         for name in names:
             try:
                 loaded = manager.load([name])
@@ -341,7 +341,8 @@ def fidelity_rows(student, teacher, tokenizer, spec: EvalSpec, vocab_size: Optio
 
 def model_evaluation(
     role: str, model_path: str, taskset: TaskSet, device: str, dtype: torch.dtype, *,
-    model: Optional[torch.nn.Module] = None, teacher_path: Optional[str] = None, teacher: Optional[torch.nn.Module] = None, vocab_size: Optional[int] = None,
+    model: Optional[torch.nn.Module] = None, teacher_path: Optional[str] = None,
+    teacher: Optional[torch.nn.Module] = None, vocab_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """Evaluate a stored model (teacher, untrained student, any --model), cached by content.
 
@@ -356,12 +357,12 @@ def model_evaluation(
     needs_teacher = FIDELITY in taskset.spec.tasks and role != "teacher"
     key = _sha({
         "model": model_fingerprint(model_path), "tasks": taskset.hashes, "spec": taskset.spec.to_dict(),
-        "lm_eval": lm_eval_version(), "role": role, "teacher": model_fingerprint(teacher_path) if needs_teacher else None,
+        "lm_eval": lm_eval_version(), "teacher": model_fingerprint(teacher_path) if needs_teacher else None,
         "dtype": str(dtype),
     })
     path = cache_dir() / "evaluations" / f"{key[:24]}.json"
-    if path.is_file():
-        return {**json.loads(path.read_text()), "cached": True}
+    if path.is_file():  # the same model under another role (--model pruned:15) reuses the scores
+        return {**json.loads(path.read_text()), "role": role, "cached": True}
     model = model if model is not None else load_causal_lm(model_path, dtype, device)
     if needs_teacher and teacher is None:
         teacher = load_causal_lm(teacher_path, dtype, device).eval()

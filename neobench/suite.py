@@ -40,13 +40,13 @@ PYDOC_WINDOW_CHARS = 1024
 
 def heldout_pairs(data: str = DEFAULT_HELDOUT[0], split: str = DEFAULT_HELDOUT[1]) -> list[dict[str, str]]:
     """(prompt, response) of the first user and assistant turn of each usable held-out row, in file order."""
-    from neobench.data import _Malformed, load_rows, to_messages
+    from neobench.data import MalformedRow, load_rows, to_messages
 
     pairs = []
     for row in load_rows(data, split):
         try:
             messages = to_messages(row)
-        except _Malformed:
+        except MalformedRow:
             continue
         user = next((m["content"] for m in messages if m["role"] == "user"), "")
         reply = next((m["content"] for m in messages if m["role"] == "assistant"), "")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_a_run_stores_student_and_reference_scores(tiny_cfg):
 
     cfg = dataclasses.replace(tiny_cfg, method="neo", variant="moslora", eval_tasks="neo_suite", eval_limit=4)
     metrics = execute(cfg)
-    (stored,) = list((__import__("pathlib").Path(metrics["run_dir"]) / "evaluations").glob("*.json"))
+    (stored,) = list((Path(metrics["run_dir"]) / "evaluations").glob("*.json"))
     payload = json.loads(stored.read_text())
     roles = {e["role"]: e for e in payload["evaluations"]}
     assert set(roles) == {"student", "teacher", "untrained_student"}
@@ -125,7 +126,7 @@ def test_a_run_stores_student_and_reference_scores(tiny_cfg):
 
     # A second run pays nothing for the references; re-scoring from stored weights gives the same numbers.
     second = execute(dataclasses.replace(cfg, seed=1))
-    (stored2,) = list((__import__("pathlib").Path(second["run_dir"]) / "evaluations").glob("*.json"))
+    (stored2,) = list((Path(second["run_dir"]) / "evaluations").glob("*.json"))
     again = {e["role"]: e for e in json.loads(stored2.read_text())["evaluations"]}
     assert again["teacher"]["cached"] and again["untrained_student"]["cached"]
     rescored = evaluate_run(metrics["run_id"], cfg.runs_dir, {})
