@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench leaderboard report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The committed leaderboards/smol-cpu/: the method matrix for 3 seeds, then lora and neo with
+# every other adapter variant (seed 0), then the tables. About 70 minutes on 2 CPU cores.
+LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
+leaderboard: $(STAMP)
+	$(VENV)/bin/neobench run --seeds 3 --runs-dir $(LEADERBOARD_RUNS)
+	for v in dora pissa rslora moslora; do \
+		$(VENV)/bin/neobench run --method lora --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
+		$(VENV)/bin/neobench run --method neo --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
+	done
+	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS)
+
+report: $(STAMP)
+	$(VENV)/bin/neobench report
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py

@@ -156,6 +156,54 @@ def eval_command(
         console.print(f"results written to {out}", highlight=False)
 
 
+@app.command()
+def report(
+    runs: Path = typer.Option(Path("runs"), help="Runs directory to collect (skipped when it holds no runs)."),
+    out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory: one folder per preset."),
+    format: str = typer.Option("md,csv,html,tex", "--format", help="Comma-separated table formats: md, csv, html, tex."),
+    preset: Optional[str] = typer.Option(None, help="Only this preset (default: every preset found)."),
+):
+    """Regenerate leaderboard tables and plots from stored runs.
+
+    \b
+    neobench report                        runs/ -> leaderboards/<preset>/
+    neobench report --runs runs/matrix     another runs directory
+    neobench report --format md,csv        fewer formats
+
+    Runs under --runs are added to OUT/<preset>/results.jsonl (the tidy rows; a run already
+    there is replaced), then every preset's tables and plots are rebuilt from its rows alone.
+    Without runs (a fresh clone), the committed rows regenerate the committed files exactly.
+    Only runs with one budget, one data hash and one config per method are compared; the
+    others are listed as left out, with the reason.
+    """
+    from neobench.report import FORMATS
+    from neobench.results import load_results, read_rows, tidy, write_rows
+
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise NeobenchError(f"unknown format {unknown[0] if unknown else format!r}; valid: {', '.join(FORMATS)}")
+    fresh = load_results(runs)
+    if preset:
+        fresh = fresh[fresh["preset"] == preset]
+    for name, rows in fresh.groupby("preset", sort=True):
+        path = out / name / "results.jsonl"
+        old = read_rows(path) if path.is_file() else rows.iloc[0:0]
+        merged = tidy([*old[~old["run_id"].isin(set(rows["run_id"]))].to_dict("records"), *rows.to_dict("records")])
+        write_rows(merged, path)
+        console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
+    presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
+    if not presets:
+        raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
+    from neobench.report import render
+
+    for name in presets:
+        result = render(read_rows(out / name / "results.jsonl"), name, out / name, formats)
+        console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
+        for run_id, reason in sorted(result.left_out):
+            console.print(f"  left out {run_id}: {reason}", highlight=False)
+
+
 @app.command("list")
 def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
     """List methods, adapter variants, losses, evaluation tasks and presets."""

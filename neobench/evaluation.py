@@ -355,8 +355,9 @@ def model_evaluation(
     from neobench.prune import model_fingerprint
 
     needs_teacher = FIDELITY in taskset.spec.tasks and role != "teacher"
+    fingerprint = model_fingerprint(model_path)
     key = _sha({
-        "model": model_fingerprint(model_path), "tasks": taskset.hashes, "spec": taskset.spec.to_dict(),
+        "model": fingerprint, "tasks": taskset.hashes, "spec": taskset.spec.to_dict(),
         "lm_eval": lm_eval_version(), "teacher": model_fingerprint(teacher_path) if needs_teacher else None,
         "dtype": str(dtype),
     })
@@ -367,7 +368,7 @@ def model_evaluation(
     if needs_teacher and teacher is None:
         teacher = load_causal_lm(teacher_path, dtype, device).eval()
     result = evaluate(model, load_tokenizer(model_path), taskset, teacher=teacher, vocab_size=vocab_size, role=role)
-    result["model"] = model_path
+    result["model"], result["model_fingerprint"] = model_path, fingerprint
     write_json_atomic(path, result)
     return {**result, "cached": False}
 

@@ -1,0 +1,485 @@
+"""Leaderboards from tidy rows: fair comparisons only, confidence intervals over seeds, tables and plots.
+
+    rows (neobench.results)
+      -> select_comparable   one budget and data hash, one config per label, one evaluation per task;
+                             every run left out is listed with its reason
+      -> main / variants / efficiency tables  (mean ± 95% CI over seeds, Student-t; one seed: ± stderr)
+      -> md, csv, html, tex files and PNG plots under leaderboards/<preset>/
+
+Everything here is a pure function of the rows, so the committed leaderboards regenerate
+byte for byte from the committed results.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from neobench.errors import NeobenchError
+
+FORMATS = ("md", "csv", "html", "tex")
+REFERENCES = ("teacher", "untrained")
+BUDGET = ["steps", "tokens", "data_hash", "seq_len", "batch_size", "grad_accum"]
+EVALUATION = ["task_hash", "limit", "num_fewshot"]
+# The suite's headline metrics (perplexity = exp(nll) and acc_norm add nothing to a summary).
+HEADLINE = {
+    "neo_heldout_nll": ["nll"], "neo_heldout_match": ["acc"], "neo_pydoc_bpb": ["bits_per_byte"],
+    "neo_fidelity": ["kl", "top1_agreement"],
+}
+# What the teacher scores against itself, by definition; neo_fidelity does not score the teacher.
+TEACHER_BY_DEFINITION = {("neo_fidelity", "kl"): 0.0, ("neo_fidelity", "top1_agreement"): 1.0}
+
+
+def given(value) -> bool:
+    """Not None/NaN (pandas turns a missing string into NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def label_of(method: str, variant: Optional[str], loss: Optional[str]) -> str:
+    """sft, kd, lora, neo; neo+dora for other adapter variants; "(loss)" for other divergences."""
+    name = method if not given(variant) or variant == "lora" else f"{method}+{variant}"
+    return name if not given(loss) or loss == "forward_kl" else f"{name} ({loss})"
+
+
+def t_quantile(n: int) -> float:
+    """Two-sided 95% Student-t quantile with n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def interval(values: list[float], stderr: Optional[float]) -> tuple[float, float, str]:
+    """(mean, half-width, kind): 95% Student-t CI over seeds; with one seed, lm-eval's stderr."""
+    n = len(values)
+    mean = sum(values) / n
+    if n >= 2:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        return mean, t_quantile(n) * sd / math.sqrt(n), "ci95"
+    return mean, (stderr if stderr is not None and not pd.isna(stderr) else float("nan")), "stderr"
+
+
+# --- choosing what may be compared -----------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    students: pd.DataFrame
+    references: pd.DataFrame
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    """(run_id, reason) of every run not in the tables."""
+
+
+def select_comparable(rows: pd.DataFrame) -> Selection:
+    """Keep only runs that can be compared fairly (rows of one preset)."""
+    students = rows[rows["model"] == "student"].copy()
+    references = rows[rows["model"] != "student"].copy()
+    left_out: list[tuple[str, str]] = []
+
+    def drop(mask: pd.Series, reason) -> None:
+        nonlocal students
+        for run_id, group in students[mask].groupby("run_id", sort=True):
+            left_out.append((run_id, reason(group.iloc[0]) if callable(reason) else reason))
+        students = students[~mask]
+
+    drop(students["study"].notna(), lambda r: f"ablation trial ({r['study']} #{r['trial']}); see ablations/")
+    if students.empty:
+        return Selection(students, references, left_out)
+
+    # One budget: the one most runs share (ties broken by the key itself, so the choice is stable).
+    budgets = students.drop_duplicates("run_id")[BUDGET].astype(str).agg("|".join, axis=1)
+    keys = students[BUDGET].astype(str).agg("|".join, axis=1)
+    counts = budgets.value_counts()
+    chosen = sorted(counts[counts == counts.max()].index)[0]
+    ref_budget = dict(zip(BUDGET, chosen.split("|")))
+    drop(keys != chosen, lambda r: "budget differs: " + ", ".join(
+        f"{k} {r[k]} vs {ref_budget[k]}" for k in BUDGET if str(r[k]) != ref_budget[k]))
+
+    # One configuration per label (e.g. one rank for neo+dora); then the newest run of each seed.
+    students["label"] = [label_of(m, v, l) for m, v, l in zip(students["method"], students["variant"], students["loss"])]
+    runs = students.drop_duplicates("run_id")
+    per_config = runs.groupby(["label", "config_key"]).size().reset_index(name="n")
+    per_config = per_config.sort_values(["label", "n", "config_key"], ascending=[True, False, True])
+    keep_config = set(per_config.drop_duplicates("label")[["label", "config_key"]].itertuples(index=False, name=None))
+    drop(~pd.Series([(l, c) in keep_config for l, c in zip(students["label"], students["config_key"])], index=students.index),
+         lambda r: f"other hyperparameters than the {r['label']} runs shown (config {r['config_key']})")
+    newest = set(students.sort_values("run_id").drop_duplicates(["label", "seed"], keep="last")["run_id"])
+    drop(~students["run_id"].isin(newest), lambda r: f"superseded by a newer {r['label']} run with seed {r['seed']}")
+
+    # One evaluation per task: the task hash, limit and few-shot count most student rows share.
+    for task, group in list(students.groupby("task")):
+        sig = group[EVALUATION].astype(str).agg("|".join, axis=1)
+        top = sorted(sig.value_counts()[lambda c: c == c.max()].index)[0]
+        off = students.index.isin(group.index[sig != top])
+        students = students[~off]
+        ref_sig = references[EVALUATION].astype(str).agg("|".join, axis=1)
+        references = references[(references["task"] != task) | (ref_sig == top)]
+    return Selection(students, references, left_out)
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def headline_metrics(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(task, metric) columns of the main table: the suite's tasks in suite order, then others by name."""
+    from neobench.evaluation import TASKS
+
+    suite_order = {name: i for i, name in enumerate(TASKS)}
+    columns = []
+    for task in sorted(dict.fromkeys(rows["task"]), key=lambda t: (suite_order.get(t, len(suite_order)), t)):
+        metrics = list(dict.fromkeys(rows.loc[rows["task"] == task, "metric"]))
+        chosen = HEADLINE.get(task) or (["acc"] if "acc" in metrics else sorted(metrics)[:1])
+        columns += [(task, m) for m in chosen if m in metrics]
+    return columns
+
+
+def column_name(task: str, metric: str) -> str:
+    from neobench.evaluation import SHORT_NAMES
+
+    return SHORT_NAMES.get((task, metric), f"{task} {metric}")
+
+
+@dataclass
+class Cell:
+    mean: float
+    half: float
+    kind: str
+    n: int
+    best: bool = False
+
+
+def score_cells(sel: Selection, labels: list[str], columns: list[tuple[str, str]]) -> dict[tuple[str, str, str], Cell]:
+    """(label, task, metric) -> Cell, for students (over seeds) and references (one evaluation)."""
+    cells = {}
+    for label in labels:
+        if label in REFERENCES:
+            rows = sel.references[sel.references["method"] == label]
+        else:
+            rows = sel.students[sel.students["label"] == label]
+        for task, metric in columns:
+            hit = rows[(rows["task"] == task) & (rows["metric"] == metric)]
+            if hit.empty:
+                continue
+            stderr = hit["stderr"].iloc[0] if len(hit) == 1 else None
+            mean, half, kind = interval(list(hit["value"]), stderr)
+            cells[(label, task, metric)] = Cell(mean, half, kind, len(hit))
+    return cells
+
+
+def reference_value(sel: Selection, who: str, task: str, metric: str) -> Optional[float]:
+    if who == "teacher" and (task, metric) in TEACHER_BY_DEFINITION:
+        return TEACHER_BY_DEFINITION[(task, metric)]
+    hit = sel.references[(sel.references["method"] == who) & (sel.references["task"] == task) & (sel.references["metric"] == metric)]
+    return float(hit["value"].iloc[0]) if len(hit) else None
+
+
+def gap_closed(sel: Selection, label: str, columns: list[tuple[str, str]]) -> Optional[Cell]:
+    """Share of the untrained -> teacher gap the student closed, averaged over the columns (per seed, then CI).
+
+    0 = the untrained student, 1 = the teacher; the direction of each metric cancels out.
+    """
+    if label in REFERENCES:
+        return Cell(1.0 if label == "teacher" else 0.0, float("nan"), "exact", 1)
+    rows = sel.students[sel.students["label"] == label]
+    per_seed = []
+    for _, seed_rows in rows.groupby("seed"):
+        shares = []
+        for task, metric in columns:
+            hit = seed_rows[(seed_rows["task"] == task) & (seed_rows["metric"] == metric)]
+            lo, hi = reference_value(sel, "untrained", task, metric), reference_value(sel, "teacher", task, metric)
+            if hit.empty or lo is None or hi is None or hi == lo:
+                continue
+            shares.append((float(hit["value"].iloc[0]) - lo) / (hi - lo))
+        if shares:
+            per_seed.append(sum(shares) / len(shares))
+    if not per_seed:
+        return None
+    mean, half, kind = interval(per_seed, None)
+    return Cell(mean, half, kind if len(per_seed) > 1 else "exact", len(per_seed))
+
+
+def student_labels(sel: Selection, adapter_variants: bool) -> list[str]:
+    """Labels in method-registry order; main table: default variant, variants table: adapter methods."""
+    from neobench.methods import METHODS
+
+    order = {name: i for i, name in enumerate(METHODS)}
+    runs = sel.students.drop_duplicates("label")
+    chosen = []
+    for _, r in runs.iterrows():
+        default_variant = not given(r["variant"]) or r["variant"] == "lora"
+        if adapter_variants and given(r["variant"]) and (not given(r["loss"]) or r["loss"] == "forward_kl"):
+            chosen.append(r)
+        elif not adapter_variants and default_variant:
+            chosen.append(r)
+    from neobench.adapters import VARIANTS
+
+    vorder = {name: i for i, name in enumerate(VARIANTS)}
+    chosen.sort(key=lambda r: (order.get(r["method"], len(order)), vorder.get(r["variant"] if given(r["variant"]) else "lora", 0), r["label"]))
+    return [r["label"] for r in chosen]
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    numeric: pd.DataFrame
+    """Long numeric form (for csv)."""
+    display: pd.DataFrame
+    """Formatted cells; "**" marks a best entry (each writer renders it)."""
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(cell: Optional[Cell], digits: int = 3) -> str:
+    if cell is None:
+        return "—"
+    text = f"{cell.mean:.{digits}f}"
+    if not math.isnan(cell.half):
+        text += f" ± {cell.half:.{digits}f}"
+    return f"**{text}**" if cell.best else text
+
+
+def pct(cell: Optional[Cell]) -> str:
+    if cell is None:
+        return "—"
+    text = f"{100 * cell.mean:.1f}%"
+    if not math.isnan(cell.half):
+        text = f"{100 * cell.mean:.1f} ± {100 * cell.half:.1f}%"
+    return text
+
+
+def score_table(sel: Selection, name: str, title: str, labels: list[str], with_deltas: bool) -> Table:
+    columns = headline_metrics(pd.concat([sel.students, sel.references]))
+    cells = score_cells(sel, labels, columns)
+    hib = {(t, m): bool(sel.students.loc[(sel.students["task"] == t) & (sel.students["metric"] == m), "higher_is_better"].iloc[0])
+           for t, m in columns if ((sel.students["task"] == t) & (sel.students["metric"] == m)).any()}
+    for task, metric in columns:  # the best student entry of each column
+        entries = [(cells[(l, task, metric)].mean, l) for l in labels if l not in REFERENCES and (l, task, metric) in cells]
+        if entries and (task, metric) in hib:
+            best = max(entries) if hib[(task, metric)] else min(entries)
+            cells[(best[1], task, metric)].best = True
+    gaps = {label: gap_closed(sel, label, columns) for label in labels}
+    display_rows, numeric_rows = [], []
+    for label in labels:
+        seeds = max((c.n for (l, _, _), c in cells.items() if l == label), default=0)
+        row = {"model": label, "seeds": "ref" if label in REFERENCES else str(seeds)}
+        for task, metric in columns:
+            cell = cells.get((label, task, metric))
+            arrow = "↑" if hib.get((task, metric), True) else "↓"
+            row[f"{column_name(task, metric)} {arrow}"] = fmt(cell)
+            if cell:
+                numeric_rows.append({"model": label, "task": task, "metric": metric, "n": cell.n, "mean": cell.mean,
+                                     "half_width": cell.half, "interval": cell.kind, "best": cell.best})
+        row["gap closed ↑"] = pct(gaps[label])
+        if gaps[label]:
+            numeric_rows.append({"model": label, "task": "average", "metric": "gap_closed", "n": gaps[label].n,
+                                 "mean": gaps[label].mean, "half_width": gaps[label].half, "interval": gaps[label].kind, "best": False})
+        if with_deltas:
+            for base in ("lora", "kd"):
+                ref = gaps.get(base)
+                ok = label not in REFERENCES and ref is not None and gaps[label] is not None and label != base
+                row[f"Δ vs {'LoRA' if base == 'lora' else 'KD'}"] = f"{100 * (gaps[label].mean - ref.mean):+.1f} pt" if ok else "—"
+        display_rows.append(row)
+    return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows))
+
+
+def efficiency_table(sel: Selection, labels: list[str]) -> Table:
+    """Cost per label (mean over seeds), absolute and relative to KD."""
+    runs = sel.students.drop_duplicates("run_id")
+    stats = {}
+    for label in labels:
+        r = runs[runs["label"] == label]
+        if len(r):
+            stats[label] = {
+                "trainable_params": r["trainable_params"].mean(), "peak_memory_bytes": r["peak_memory_bytes"].mean(),
+                "train_seconds": r["train_seconds"].mean(), "tokens_per_second": r["tokens_per_second"].mean(),
+                "seeds": len(r), "memory_kind": r["memory_kind"].iloc[0], "device": r["device"].iloc[0],
+            }
+    kd = stats.get("kd")
+
+    def rel(label: str, key: str) -> str:
+        if not kd or label == "kd":
+            return "—"
+        return f"{100 * (stats[label][key] / kd[key] - 1):+.0f}%"
+
+    display_rows, numeric_rows = [], []
+    for label, s in stats.items():
+        display_rows.append({
+            "model": label, "seeds": str(s["seeds"]), "trainable": f"{s['trainable_params'] / 1e6:.2f}M",
+            "peak memory": f"{s['peak_memory_bytes'] / 2**30:.2f} GiB", "vs KD (mem)": rel(label, "peak_memory_bytes"),
+            "train time": f"{s['train_seconds']:.0f} s", "vs KD (time)": rel(label, "train_seconds"),
+            "tokens/s": f"{s['tokens_per_second']:.0f}", "vs KD (tok/s)": rel(label, "tokens_per_second"),
+        })
+        numeric_rows.append({"model": label, **s})
+    notes = []
+    if stats:
+        first = next(iter(stats.values()))
+        kind = {"rss": "peak RSS of the training process (CPU)", "cuda_max_allocated": "CUDA max allocated"}.get(first["memory_kind"], first["memory_kind"])
+        notes.append(f"Peak memory is the {kind} during training; train time is the training loop alone (no loading, no evaluation).")
+    return Table("efficiency", "Efficiency", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def to_markdown(table: Table) -> str:
+    return table.display.to_markdown(index=False, colalign=["left"] + ["right"] * (table.display.shape[1] - 1)) + "\n"
+
+
+def to_html(table: Table) -> str:
+    import re
+
+    body = table.display.to_html(index=False, border=0, escape=True)
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", body) + "\n"
+
+
+def to_tex(table: Table) -> str:
+    import re
+
+    def cell(text: str) -> str:
+        text = text.replace("\\", "\\textbackslash{}").replace("%", "\\%").replace("_", "\\_").replace("&", "\\&")
+        text = text.replace("±", "$\\pm$").replace("↑", "$\\uparrow$").replace("↓", "$\\downarrow$").replace("Δ", "$\\Delta$")
+        return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", text)
+
+    frame = table.display.map(cell)
+    frame.columns = [cell(c) for c in frame.columns]
+    return frame.to_latex(index=False, escape=False, column_format="l" + "r" * (frame.shape[1] - 1))
+
+
+def write_table(table: Table, out: Path, formats: tuple[str, ...]) -> list[Path]:
+    written = []
+    for fmt_name in formats:
+        path = out / f"{table.name}.{fmt_name}"
+        if fmt_name == "md":
+            path.write_text(to_markdown(table))
+        elif fmt_name == "html":
+            path.write_text(to_html(table))
+        elif fmt_name == "tex":
+            path.write_text(to_tex(table))
+        else:
+            table.numeric.to_csv(path, index=False, float_format="%.6g")
+        written.append(path)
+    return written
+
+
+def plot(sel: Selection, main: list[str], everyone: list[str], out: Path) -> list[Path]:
+    """scores.png (headline metrics with intervals) and the gap closed against memory and time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = headline_metrics(pd.concat([sel.students, sel.references]))
+    cells = score_cells(sel, main, columns)
+    paths = []
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 0.45 * len(main) + 1.4), sharey=True, squeeze=False)
+    for ax, (task, metric) in zip(axes[0], columns):
+        ys, xs, errs, colors = [], [], [], []
+        for i, label in enumerate(main):
+            cell = cells.get((label, task, metric))
+            if cell:
+                ys.append(i)
+                xs.append(cell.mean)
+                errs.append(0 if math.isnan(cell.half) else cell.half)
+                colors.append("0.55" if label in REFERENCES else "C0")
+        ax.errorbar(xs, ys, xerr=errs, fmt="none", ecolor="0.3", capsize=3)
+        ax.scatter(xs, ys, c=colors, zorder=3)
+        ax.set_title(column_name(task, metric), fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(main)), main)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    paths.append(_save(fig, out / "scores.png"))
+
+    runs = sel.students.drop_duplicates("run_id")
+    for key, xlabel, scale, name in (
+        ("peak_memory_bytes", "peak memory during training (GiB)", 2**30, "score_vs_memory.png"),
+        ("train_seconds", "training time (s)", 1, "score_vs_time.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for label in everyone:
+            gap = gap_closed(sel, label, columns)
+            r = runs[runs["label"] == label]
+            if gap is None or r.empty:
+                continue
+            x = r[key].mean() / scale
+            ax.errorbar([x], [100 * gap.mean], yerr=[0 if math.isnan(gap.half) else 100 * gap.half], fmt="o", capsize=3, color="C0")
+            ax.annotate(label, (x, 100 * gap.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("gap closed, untrained → teacher (%)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(_save(fig, out / name))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    # No "Software" stamp and a fixed dpi: the same rows give the same bytes.
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Report:
+    preset: str
+    tables: list[Table]
+    left_out: list[tuple[str, str]]
+    files: list[Path]
+
+
+def render(rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] = FORMATS) -> Report:
+    """Write every table (in ``formats``), the plots and README.md for one preset's rows."""
+    sel = select_comparable(rows)
+    if sel.students.empty:
+        raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
+    main = [r for r in REFERENCES if (sel.references["method"] == r).any()] + student_labels(sel, adapter_variants=False)
+    variants = student_labels(sel, adapter_variants=True)
+    tables = [
+        score_table(sel, "main", "Main table", main, with_deltas=True),
+        score_table(sel, "variants", "Adapter variants", variants, with_deltas=False),
+        efficiency_table(sel, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
+    files = [out / "results.csv"]
+    for table in tables:
+        if not table.display.empty:
+            files += write_table(table, out, formats)
+    files += plot(sel, main, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main], out)
+    readme = out / "README.md"
+    readme.write_text(leaderboard_markdown(preset, sel, tables))
+    files.append(readme)
+    return Report(preset, tables, sel.left_out, files)
+
+
+def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> str:
+    budget = sel.students.iloc[0]
+    n_runs = sel.students["run_id"].nunique()
+    parts = [
+        f"# Leaderboard: {preset}\n",
+        f"Generated by `neobench report` from `results.jsonl` ({n_runs} runs). Every run here had the same budget: "
+        f"{budget['steps']} optimizer steps, {int(budget['tokens']):,} tokens, batch {budget['batch_size']} × "
+        f"{budget['grad_accum']} micro-batches, seq_len {budget['seq_len']}, data hash `{str(budget['data_hash'])[:12]}`.\n",
+        "Cells are mean ± 95% confidence interval over seeds (Student-t); with one seed (and for the reference "
+        "rows `teacher` and `untrained`), ± the standard error lm-eval reports. **Bold** marks the best student in a "
+        "column. *gap closed* is the share of the distance from the untrained student (0%) to the teacher (100%) "
+        "that training covered, averaged over the columns; Δ compares it with LoRA and KD in percentage points.\n",
+    ]
+    for table in tables:
+        if table.display.empty:
+            continue
+        parts.append(f"## {table.title}\n")
+        parts.append(to_markdown(table))
+        parts += [f"{note}\n" for note in table.notes]
+    parts.append("## Plots\n")
+    parts.append("![scores](scores.png)\n\n![gap closed vs peak memory](score_vs_memory.png) ![gap closed vs time](score_vs_time.png)\n")
+    if sel.left_out:
+        parts.append("## Left out\n")
+        parts.append("".join(f"- `{run_id}`: {reason}\n" for run_id, reason in sorted(sel.left_out)))
+    return "\n".join(parts)

@@ -1,0 +1,132 @@
+"""Tidy results: one row per model x task x metric, read from run directories.
+
+    runs/<run_id>/{config.yaml, metrics.json, evaluations/*.json}  ->  load_results(runs_dir)  ->  DataFrame
+
+Student rows carry their run's method, variant, seed, budget and cost; the reference models
+(teacher, untrained student) appear as rows of their own, once per preset and evaluation.
+Tables and plots (:mod:`neobench.report`) are derived from these rows only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import yaml
+
+from neobench.errors import NeobenchError
+
+COLUMNS = [
+    "preset", "run_id", "model", "model_fingerprint", "method", "variant", "loss", "seed", "config_key",
+    "steps", "tokens", "data_hash", "seq_len", "batch_size", "grad_accum", "stopped_by",
+    "task", "metric", "value", "stderr", "higher_is_better", "n_docs", "limit", "num_fewshot", "task_hash", "evaluator",
+    "trainable_params", "peak_memory_bytes", "memory_kind", "train_seconds", "wall_seconds", "tokens_per_second",
+    "device", "dtype", "rank", "kd_ratio", "temperature", "lr", "study", "trial",
+]
+REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
+# Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
+NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset"} | {"study", "trial"}
+
+
+def config_key(config: dict[str, Any], device: str, dtype: str) -> str:
+    """Hash of everything that shapes a run's result except its seed (the device and dtype it actually used)."""
+    kept = {k: v for k, v in config.items() if k not in NOT_IN_CONFIG_KEY and not k.startswith("eval_")}
+    kept["device"], kept["dtype"] = device.split(":")[0], dtype
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every tidy row of one run directory: its student's scores and the references stored with them."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    budget, cost = metrics["budget"], metrics["cost"]
+    base = {
+        "preset": metrics["preset"], "run_id": metrics["run_id"], "steps": budget["steps"], "tokens": budget["tokens"],
+        "data_hash": budget["data_hash"], "seq_len": budget["seq_len"], "batch_size": budget["batch_size"],
+        "grad_accum": budget["grad_accum"], "stopped_by": budget["stopped_by"],
+        "study": config.get("study"), "trial": config.get("trial"),
+    }
+    student = {
+        **base, "model": "student", "method": metrics["method"], "variant": metrics["variant"], "loss": metrics["loss"],
+        "seed": metrics["seed"], "config_key": config_key(config, cost["device"], cost["dtype"]),
+        "trainable_params": cost["trainable_params"], "peak_memory_bytes": cost["peak_memory_bytes"],
+        "memory_kind": cost["memory_kind"], "train_seconds": cost["train_seconds"], "wall_seconds": metrics["wall_seconds"],
+        "tokens_per_second": cost["tokens_per_second"], "device": cost["device"], "dtype": cost["dtype"],
+        "rank": config.get("rank"), "kd_ratio": config.get("kd_ratio"), "temperature": config.get("temperature"),
+        "lr": metrics.get("lr"),
+    }
+    rows = []
+    for path in sorted((run_dir / "evaluations").glob("*.json")):
+        for evaluation in json.loads(path.read_text())["evaluations"]:
+            role = evaluation["role"]
+            who = student if role == "student" else {
+                **base, "model": role, "method": REFERENCE_METHODS.get(role, role),
+                "model_fingerprint": (evaluation.get("model_fingerprint") or "")[:16] or None,
+            }
+            for r in evaluation["rows"]:
+                rows.append({**who, **{k: r.get(k) for k in (
+                    "task", "metric", "value", "stderr", "higher_is_better", "n_docs", "limit", "num_fewshot", "task_hash", "evaluator",
+                )}})
+    return rows
+
+
+def run_dirs(runs_dir: str | Path) -> list[Path]:
+    """Finished run directories (a .tmp-* directory is an unfinished run and is skipped)."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "metrics.json").is_file())
+
+
+def load_results(runs_dir: str | Path) -> pd.DataFrame:
+    """Tidy rows of every run under ``runs_dir``; reference rows appear once per preset and evaluation."""
+    rows = [row for run in run_dirs(runs_dir) for row in run_rows(run)]
+    return tidy(rows)
+
+
+INTEGER_COLUMNS = ["seed", "steps", "tokens", "seq_len", "batch_size", "grad_accum", "n_docs", "limit", "num_fewshot",
+                   "trainable_params", "peak_memory_bytes", "rank", "trial"]
+
+
+def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> DataFrame with the standard columns, references de-duplicated, in a stable order."""
+    frame = pd.DataFrame(list(rows), columns=COLUMNS)
+    # Nullable integers: a reference row has no seed, and 0 must not turn into 0.0 on the way.
+    frame[INTEGER_COLUMNS] = frame[INTEGER_COLUMNS].astype("Int64")
+    if frame.empty:
+        return frame
+    refs = frame["model"] != "student"
+    # The same reference model scored with the same task hash and limit is one row, whichever run stored it.
+    ref_key = ["preset", "model", "model_fingerprint", "task", "metric", "task_hash", "limit", "num_fewshot"]
+    deduped = frame[refs].sort_values("run_id").drop_duplicates(ref_key, keep="first")
+    frame = pd.concat([frame[~refs], deduped])
+    frame = frame.sort_values(["preset", "model", "method", "variant", "seed", "run_id", "task", "metric"], na_position="first")
+    return frame.reset_index(drop=True)
+
+
+def write_rows(frame: pd.DataFrame, path: Path) -> None:
+    """JSON Lines, one object per row, keys in COLUMNS order: the committed, diffable source of a leaderboard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({c: _plain(row[c]) for c in COLUMNS}) for _, row in frame.iterrows()]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise NeobenchError(f"no results file {path}; run `neobench report --runs RUNS_DIR` after `neobench run`")
+    return tidy(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+
+
+def _plain(value: Any) -> Any:
+    """pandas/numpy scalars -> JSON scalars (NaN -> null)."""
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,166 @@
+"""Tidy results and leaderboards: intervals, fair comparisons, every output format, byte-for-byte regeneration."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from neobench.report import FORMATS, interval, render, select_comparable
+from neobench.results import COLUMNS, load_results, read_rows, write_rows
+
+REPO = Path(__file__).resolve().parent.parent
+SCORES = {  # (task, metric): (untrained, teacher, higher_is_better)
+    ("neo_heldout_nll", "nll"): (6.0, 1.4, False),
+    ("neo_heldout_match", "acc"): (0.35, 0.9, True),
+    ("neo_fidelity", "kl"): (4.0, None, False),
+}
+
+
+def eval_rows(values: dict, with_fidelity: bool = True) -> list[dict]:
+    return [
+        {"task": t, "metric": m, "value": v, "stderr": 0.01, "higher_is_better": SCORES[(t, m)][2], "n_docs": 50,
+         "limit": 50, "num_fewshot": 0, "task_hash": f"hash-{t}", "evaluator": "test"}
+        for (t, m), v in values.items() if with_fidelity or t != "neo_fidelity"
+    ]
+
+
+def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: int = 12, data_hash: str = "d1",
+             rank: int = 32, stamp: str = "0") -> str:
+    run_id = f"p-{method}-{variant or 'full'}-s{seed}-r{rank}-{steps}-{data_hash}-{stamp}"
+    run = root / run_id
+    (run / "evaluations").mkdir(parents=True)
+    config = {"preset": "p", "method": method, "variant": variant, "loss": "forward_kl", "rank": rank, "seed": seed,
+              "kd_ratio": 0.5, "temperature": 1.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    uses_teacher = method in ("kd", "neo")
+    metrics = {
+        "run_id": run_id, "preset": "p", "method": method, "variant": variant, "seed": seed,
+        "loss": "forward_kl" if uses_teacher else None, "lr": 1e-4, "wall_seconds": 100.0 + seed,
+        "budget": {"steps": steps, "tokens": 1000 * steps, "data_hash": data_hash, "seq_len": 256, "batch_size": 4,
+                   "grad_accum": 2, "stopped_by": "max_steps"},
+        "cost": {"trainable_params": 5e6 if variant else 8e7, "peak_memory_bytes": (3 if variant else 4) * 2**30,
+                 "memory_kind": "rss", "train_seconds": (60.0 if variant else 80.0) + seed, "tokens_per_second": 200.0,
+                 "device": "cpu", "dtype": "float32"},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    student = {k: (u + (t if t is not None else 0.0)) / 2 + shift for k, (u, t, _) in SCORES.items()}
+    evaluations = [
+        {"role": "student", "rows": eval_rows(student)},
+        {"role": "teacher", "rows": eval_rows({k: t for k, (u, t, _) in SCORES.items() if t is not None}, with_fidelity=False),
+         "model_fingerprint": "teacherfp"},
+        {"role": "untrained_student", "rows": eval_rows({k: u for k, (u, t, _) in SCORES.items()}), "model_fingerprint": "studentfp"},
+    ]
+    (run / "evaluations" / "abc.json").write_text(json.dumps({"evaluations": evaluations}))
+    return run_id
+
+
+@pytest.fixture
+def matrix(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        for i, (method, variant) in enumerate([("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora"), ("neo", "dora")]):
+            make_run(root, method, variant, seed, shift=0.01 * i + 0.002 * seed)
+    return root
+
+
+def test_interval_is_student_t_over_seeds_by_hand():
+    mean, half, kind = interval([1.0, 2.0, 4.0], stderr=None)
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert mean == pytest.approx(7 / 3) and kind == "ci95"
+    assert half == pytest.approx(4.302652729911275 * sd / math.sqrt(3), rel=1e-9)  # t(0.975, df=2)
+    assert interval([0.5], stderr=0.03) == (0.5, 0.03, "stderr")
+
+
+def test_tidy_rows_have_every_column_and_references_once(matrix, tmp_path):
+    rows = load_results(matrix)
+    assert list(rows.columns) == COLUMNS
+    assert len(rows[rows["model"] == "student"]) == 15 * 3
+    assert len(rows[rows["model"] == "teacher"]) == 2 and len(rows[rows["model"] == "untrained_student"]) == 3
+    path = tmp_path / "rows.jsonl"
+    write_rows(rows, path)
+    again = read_rows(path)
+    pd.testing.assert_frame_equal(rows, again)
+    assert json.loads(path.read_text().splitlines()[0])["seed"] in (None, 0)  # integers stay integers
+
+
+def test_budget_and_data_hash_mismatches_are_left_out_with_reasons(matrix):
+    make_run(matrix, "kd", None, 7, 0.0, steps=24)
+    make_run(matrix, "lora", "lora", 8, 0.0, data_hash="d2")
+    make_run(matrix, "neo", "lora", 0, 0.0, rank=8)
+    make_run(matrix, "sft", None, 0, 0.0, stamp="9")  # a newer sft seed 0
+    sel = select_comparable(load_results(matrix))
+    reasons = dict(sel.left_out)
+    assert "steps 24 vs 12" in reasons["p-kd-full-s7-r32-24-d1-0"]
+    assert "data_hash d2 vs d1" in reasons["p-lora-lora-s8-r32-12-d2-0"]
+    assert "other hyperparameters" in reasons["p-neo-lora-s0-r8-12-d1-0"]
+    assert "superseded" in reasons["p-sft-full-s0-r32-12-d1-0"]
+    assert len(reasons) == 4
+    assert set(sel.students["run_id"]) >= {"p-sft-full-s0-r32-12-d1-9"}
+
+
+def test_every_format_is_written_and_parses_back(matrix, tmp_path):
+    out = tmp_path / "board"
+    report = render(load_results(matrix), "p", out)
+    main = report.tables[0]
+    labels = ["teacher", "untrained", "sft", "lora", "kd", "neo"]
+    assert list(main.display["model"]) == labels
+    assert list(report.tables[1].display["model"]) == ["lora", "neo", "neo+dora"]
+    for name in ("main", "variants", "efficiency"):
+        n = len(report.tables[["main", "variants", "efficiency"].index(name)].display)
+        md = (out / f"{name}.md").read_text().strip().splitlines()
+        assert len(md) == n + 2 and md[0].startswith("| model")
+        assert len(pd.read_csv(out / f"{name}.csv")) > 0
+        assert len(pd.read_html(out / f"{name}.html")[0]) == n
+        tex = (out / f"{name}.tex").read_text()
+        assert "\\begin{tabular}" in tex and tex.count("\\\\") == n + 1
+    for png in ("scores.png", "score_vs_memory.png", "score_vs_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Main table" in (out / "README.md").read_text()
+    # 3 seeds -> a Student-t interval; the best student column entry is bold.
+    assert " ± " in main.display.iloc[2, 2] and main.display["seeds"].tolist()[2:] == ["3"] * 4
+    assert any(str(v).startswith("**") for v in main.display.iloc[:, 2])
+
+
+def test_efficiency_is_relative_to_kd(matrix, tmp_path):
+    report = render(load_results(matrix), "p", tmp_path / "board")
+    eff = report.tables[2].display.set_index("model")
+    assert eff.loc["neo", "vs KD (mem)"] == "-25%" and eff.loc["kd", "vs KD (mem)"] == "—"
+
+
+def test_same_rows_give_the_same_bytes(matrix, tmp_path):
+    rows = load_results(matrix)
+    render(rows, "p", tmp_path / "a")
+    render(rows, "p", tmp_path / "b")
+    for path in sorted((tmp_path / "a").iterdir()):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path):
+    boards = sorted((REPO / "leaderboards").glob("*/results.jsonl"))
+    if not boards:
+        pytest.skip("no committed leaderboard yet")
+    for rows_file in boards:
+        committed = rows_file.parent
+        out = tmp_path / committed.name
+        render(read_rows(rows_file), committed.name, out)
+        for path in sorted(out.iterdir()):
+            assert path.read_bytes() == (committed / path.name).read_bytes(), f"{committed.name}/{path.name} differs"
+
+
+def test_report_command_and_its_errors(matrix, tmp_path):
+    def neobench(*args):
+        return subprocess.run([sys.executable, "-m", "neobench.cli", "report", *args], capture_output=True, text=True)
+
+    ok = neobench("--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,csv")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "lb" / "p" / "main.md").is_file() and not (tmp_path / "lb" / "p" / "main.tex").exists()
+    assert (tmp_path / "lb" / "p" / "results.jsonl").is_file()
+    bad = neobench("--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,pdf")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown format 'pdf'; valid: md, csv, html, tex"
+    empty = neobench("--runs", str(tmp_path / "none"), "--out", str(tmp_path / "nothing"))
+    assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1
