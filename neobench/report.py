@@ -113,10 +113,14 @@ def select_comparable(rows: pd.DataFrame) -> Selection:
     for task, group in list(students.groupby("task")):
         sig = group[EVALUATION].astype(str).agg("|".join, axis=1)
         top = sorted(sig.value_counts()[lambda c: c == c.max()].index)[0]
-        off = students.index.isin(group.index[sig != top])
-        students = students[~off]
+        off = group.index[sig != top]
+        for run_id in sorted(set(students.loc[off, "run_id"])):
+            left_out.append((run_id, f"its {task} scores came from another evaluation (task data, limit or few-shot)"))
+        students = students.drop(off)
         ref_sig = references[EVALUATION].astype(str).agg("|".join, axis=1)
         references = references[(references["task"] != task) | (ref_sig == top)]
+    # One reference row per model and metric (a changed teacher would add a second fingerprint).
+    references = references.drop_duplicates(["method", "task", "metric"], keep="first")
     return Selection(students, references, left_out)
 
 
