@@ -33,7 +33,7 @@ def run(
     method: Optional[str] = typer.Option(None, help="sft, lora, kd or neo. Omit (with --variant) for the whole matrix.", rich_help_panel=WHAT),
     variant: Optional[str] = typer.Option(None, help="Adapter variant: lora, dora, pissa, rslora, moslora. Alone it means --method neo.", rich_help_panel=WHAT),
     seeds: int = typer.Option(1, min=1, help="Repeat every run with seeds seed, seed+1, ...", rich_help_panel=WHAT),
-    loss: Optional[str] = typer.Option(None, help="Divergence of the KD term (forward_kl).", rich_help_panel=WHAT),
+    loss: Optional[str] = typer.Option(None, help="Divergence of the KD term: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.", rich_help_panel=WHAT),
     teacher: Optional[str] = typer.Option(None, help="Hub id, directory, .gguf file or smollm2-135m-instruct.", rich_help_panel=MODELS),
     student: Optional[str] = typer.Option(None, help="Hub id, directory, .gguf file or pruned:N.", rich_help_panel=MODELS),
     train_data: Optional[str] = typer.Option(None, help="Packaged data set, .jsonl/.json/.parquet file, or hub id[:config].", rich_help_panel=DATA),
@@ -55,6 +55,9 @@ def run(
     target_modules: Optional[str] = typer.Option(None, help="all-linear or comma-separated module names.", rich_help_panel=ADAPTER),
     kd_ratio: Optional[float] = typer.Option(None, help="lambda in (1-lambda)*CE + lambda*KD.", rich_help_panel=KD),
     temperature: Optional[float] = typer.Option(None, help="KD softmax temperature (term scaled by T^2).", rich_help_panel=KD),
+    jsd_beta: Optional[float] = typer.Option(None, help="beta of --loss jsd (0: forward KL, 1: reverse KL).", rich_help_panel=KD),
+    skew_alpha: Optional[float] = typer.Option(None, help="alpha of the skew KLs (DistiLLM; default 0.1).", rich_help_panel=KD),
+    loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the KD loss (bounds memory; 0: one chunk).", rich_help_panel=KD),
     tasks: Optional[str] = typer.Option(None, help=TASKS_HELP, rich_help_panel=EVAL),
     limit: Optional[int] = typer.Option(None, help="Documents per task (the first N).", rich_help_panel=EVAL),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own).", rich_help_panel=EVAL),
@@ -91,7 +94,8 @@ def run(
         "max_steps": max_steps, "max_wall_seconds": max_wall_seconds, "lr": lr, "adapter_lr": adapter_lr,
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
         "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
-        "temperature": temperature, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+        "temperature": temperature, "jsd_beta": jsd_beta, "skew_alpha": skew_alpha,
+        "loss_chunk_tokens": loss_chunk_tokens, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
         "save_weights": save_weights, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
@@ -224,7 +228,7 @@ def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list 
     for name in VARIANTS:
         table.add_row("variant", name, VARIANTS.get(name).description)
     for name in DIVERGENCES:
-        table.add_row("loss", name, (DIVERGENCES.get(name).__doc__ or "").strip().splitlines()[0])
+        table.add_row("loss", name, DIVERGENCES.get(name).description)
     for name, task in TASKS.items():
         table.add_row("task", name, f"{task.description} [{', '.join(task.metrics)}]")
     table.add_row("task", SUITE_ALIAS, "all four neo_* tasks; any lm-eval task name also works")

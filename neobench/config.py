@@ -88,6 +88,12 @@ class RunConfig:
     """lambda in (1 - lambda) * CE + lambda * KD."""
     temperature: float = 1.0
     """Softmax temperature of the KD term; the term is scaled by T^2 so its gradients keep their size."""
+    jsd_beta: float = 0.5
+    """beta of --loss jsd: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s; 0 = forward KL, 1 = reverse KL."""
+    skew_alpha: float = 0.1
+    """alpha of --loss skew_forward_kl / skew_reverse_kl (DistiLLM's default 0.1); 0 = plain KL."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the KD loss: bounds its fp32 [tokens x vocabulary] memory; 0 = one chunk."""
 
     # --- evaluation (lm-evaluation-harness) -----------------------------------------------
     eval_tasks: str = "neo_suite"
@@ -131,6 +137,13 @@ class RunConfig:
 
     def effective_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def loss_param(self) -> float:
+        """The parameter of the chosen divergence (jsd_beta or skew_alpha), 0 if it has none."""
+        from neobench.losses import DIVERGENCES
+
+        field_name = DIVERGENCES.get(self.loss).param
+        return getattr(self, field_name) if field_name else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,6 +247,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
         ("kd_ratio", 0 <= cfg.kd_ratio <= 1, "in [0, 1]"),
         ("temperature", cfg.temperature > 0, "positive"),
+        ("jsd_beta", 0 <= cfg.jsd_beta <= 1, "in [0, 1]"),
+        ("skew_alpha", 0 <= cfg.skew_alpha < 1, "in [0, 1)"),
+        ("loss_chunk_tokens", cfg.loss_chunk_tokens >= 0, "0 (one chunk) or more"),
         ("eval_limit", cfg.eval_limit is None or cfg.eval_limit >= 1, "at least 1"),
         ("eval_num_fewshot", cfg.eval_num_fewshot is None or cfg.eval_num_fewshot >= 0, "0 or more"),
         ("eval_batch_size", cfg.eval_batch_size >= 1, "at least 1"),

@@ -10,7 +10,9 @@ is given, so an all-masked micro-batch never produces NaN.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,25 +39,128 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="mean")
 
 
+# --- divergences between teacher and student next-token distributions -----------------------
+#
+# Each takes log-probabilities [N, V] (fp32) and returns one value per token [N]. The registry
+# entries are called through :func:`distillation_loss`, which applies the temperature, computes
+# in fp32 chunk by chunk, and averages over tokens.
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * p + (1 - weight) * q), stably."""
+    return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
+
+
+def forward_kl_tokens(log_s: torch.Tensor, log_t: torch.Tensor, param: float = 0.0) -> torch.Tensor:
+    """KL(p_t || p_s): mode-covering; the student spreads mass wherever the teacher has it."""
+    return _kl(log_t, log_s)
+
+
+def reverse_kl_tokens(log_s: torch.Tensor, log_t: torch.Tensor, param: float = 0.0) -> torch.Tensor:
+    """KL(p_s || p_t): mode-seeking; the student concentrates on the teacher's large modes (MiniLLM)."""
+    return _kl(log_s, log_t)
+
+
+def jsd_tokens(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized JSD (GKD): beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s.
+
+    beta = 0 is defined as forward KL and beta = 1 as reverse KL (as in GKD and TRL), which
+    the mixture form itself would give as 0.
+    """
+    if beta <= 0.0:
+        return _kl(log_t, log_s)
+    if beta >= 1.0:
+        return _kl(log_s, log_t)
+    log_m = _log_mix(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+
+
+def skew_forward_kl_tokens(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Skew KL (DistiLLM): KL(p_t || alpha p_t + (1 - alpha) p_s); alpha = 0 is forward KL."""
+    return _kl(log_t, log_s if alpha <= 0.0 else _log_mix(log_t, log_s, alpha))
+
+
+def skew_reverse_kl_tokens(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): KL(p_s || alpha p_s + (1 - alpha) p_t); alpha = 0 is reverse KL."""
+    return _kl(log_s, log_t if alpha <= 0.0 else _log_mix(log_s, log_t, alpha))
+
+
+def tvd_tokens(log_s: torch.Tensor, log_t: torch.Tensor, param: float = 0.0) -> torch.Tensor:
+    """Total variation distance: (1/2) sum |p_t - p_s|, in [0, 1]."""
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    per_token: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """(log p_s [N, V], log p_t [N, V], param) -> [N]."""
+    description: str
+    param: Optional[str] = None
+    """Name of the config field holding this divergence's parameter (jsd_beta, skew_alpha), if any."""
+
+
+DIVERGENCES: Registry[Divergence] = Registry("loss")
+DIVERGENCES.add("forward_kl", Divergence(forward_kl_tokens, "KL(teacher || student), as in LLM-Neo"))
+DIVERGENCES.add("reverse_kl", Divergence(reverse_kl_tokens, "KL(student || teacher), mode-seeking"))
+DIVERGENCES.add("jsd", Divergence(jsd_tokens, "generalized Jensen-Shannon with jsd_beta (GKD)", "jsd_beta"))
+DIVERGENCES.add("skew_forward_kl", Divergence(skew_forward_kl_tokens, "KL(t || a t + (1-a) s) with skew_alpha (DistiLLM)", "skew_alpha"))
+DIVERGENCES.add("skew_reverse_kl", Divergence(skew_reverse_kl_tokens, "KL(s || a s + (1-a) t) with skew_alpha (DistiLLM)", "skew_alpha"))
+DIVERGENCES.add("tvd", Divergence(tvd_tokens, "total variation distance, (1/2) sum |t - s|"))
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def token_divergence(
+    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, param: float = 0.0
+) -> torch.Tensor:
+    """One divergence per token, [N, V] x [N, V] -> [N] fp32, softmax at temperature T (no T^2 scaling)."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return DIVERGENCES.get(name).per_token(log_s, log_t, param)
+
+
+def distillation_loss(
+    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+    param: float = 0.0, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Mean over tokens of divergence ``name`` between teacher and student, times T^2; fp32 scalar.
+
+    student_logits, teacher_logits: [N, V], response tokens only. The T^2 factor keeps gradient
+    magnitudes comparable across temperatures (Hinton et al., 2015); at T = 1 it changes nothing.
+    With ``chunk_tokens``, tokens are processed in chunks under activation checkpointing: the
+    fp32 softmaxes of one chunk are alive at a time, in the forward and the backward pass, and
+    the value and gradient equal the unchunked computation. Returns 0 (with a gradient path)
+    when N = 0.
+    """
+    n = student_logits.shape[0]
+    if n == 0:
+        return student_logits.float().sum() * 0.0
+
+    def chunk_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return token_divergence(name, s, t, temperature, param).sum()
+
+    if not chunk_tokens or n <= chunk_tokens:
+        total = chunk_sum(student_logits, teacher_logits)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        total = sum(
+            checkpoint(chunk_sum, student_logits[i : i + chunk_tokens], teacher_logits[i : i + chunk_tokens], use_reentrant=False)
+            for i in range(0, n, chunk_tokens)
+        )
+    return total / n * temperature**2
+
+
 def token_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_teacher || p_student) of each token, in fp32. [N, V], [N, V] -> [N] (no T^2 scaling)."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    return token_divergence("forward_kl", student_logits, teacher_logits, temperature)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || p_student) over the full vocabulary, times T^2.
-
-    student_logits, teacher_logits: [N, V]. Softmax at temperature T in fp32. Scaling by T^2
-    keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015); at the
-    default T = 1 it changes nothing.
-    """
-    if student_logits.shape[0] == 0:
-        return student_logits.float().sum() * 0.0
-    return token_forward_kl(student_logits, teacher_logits, temperature).mean() * temperature**2
-
-
-Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-DIVERGENCES: Registry[Divergence] = Registry("loss")
-DIVERGENCES.add("forward_kl", forward_kl)
+    """Mean over tokens of KL(p_teacher || p_student) over the full vocabulary, times T^2 (unchunked)."""
+    return distillation_loss("forward_kl", student_logits, teacher_logits, temperature, chunk_tokens=None)

@@ -11,7 +11,7 @@ whether to attach an adapter and whether to run the teacher, then calls :func:`o
 | neo    | adapter (variant) | (1 - kd_ratio) * CE + kd_ratio * D(t || s)  |
 
 CE is on response tokens only; D is the divergence chosen by ``loss`` (forward KL by default,
-as in LLM-Neo), per response token, averaged over response tokens.
+as in LLM-Neo; see ``neobench list``), per response token, averaged over response tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from neobench.losses import DIVERGENCES, cross_entropy, next_token_targets
+from neobench.losses import DEFAULT_CHUNK_TOKENS, cross_entropy, distillation_loss, next_token_targets
 from neobench.registry import Registry
 
 
@@ -57,11 +57,15 @@ def objective(
     kd_ratio: float = 0.5,
     temperature: float = 1.0,
     loss: str = "forward_kl",
+    loss_param: float = 0.0,
+    chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
     vocab_size: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """The method's loss on one batch.
 
     student_logits, teacher_logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX outside responses.
+    loss, loss_param: the divergence (see neobench.losses.DIVERGENCES) and its beta/alpha, if any.
+    chunk_tokens: tokens per chunk of the divergence (bounds its fp32 memory; same value and gradient).
     vocab_size: the shared tokenizer vocabulary; logit rows past it (embedding padding) are dropped.
     Returns {"loss", "ce", "kd"} as fp32 scalars ("kd" is 0 for methods without a teacher) and
     "tokens", the number of response tokens the means are over.
@@ -74,5 +78,5 @@ def objective(
     if not method.uses_teacher:
         return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce), "tokens": mask.sum()}
     t = teacher_logits[mask][:, vocab]
-    kd = DIVERGENCES.get(loss)(s, t, temperature)
+    kd = distillation_loss(loss, s, t, temperature, loss_param, chunk_tokens)
     return {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce": ce, "kd": kd, "tokens": mask.sum()}

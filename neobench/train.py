@@ -221,7 +221,8 @@ def train(
                         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 parts = objective(
                     method, logits, batch["labels"], teacher_logits, kd_ratio=cfg.kd_ratio,
-                    temperature=cfg.temperature, loss=cfg.loss, vocab_size=ws.vocab_size,
+                    temperature=cfg.temperature, loss=cfg.loss, loss_param=cfg.loss_param(),
+                    chunk_tokens=cfg.loss_chunk_tokens or None, vocab_size=ws.vocab_size,
                 )
                 share = float(parts["tokens"]) / max(step_targets, 1)
                 (parts["loss"] * share).backward()

@@ -80,3 +80,94 @@ def test_objective_mixes_ce_and_kd_on_response_tokens_only():
     student2 = student.clone()
     student2[:, 0] += 100.0
     assert objective(METHODS.get("neo"), student2, labels, teacher, kd_ratio=0.25, vocab_size=11)["loss"].item() == pytest.approx(parts["loss"].item())
+
+
+# --- the divergence family ----------------------------------------------------------------------
+
+from neobench.losses import DIVERGENCES, distillation_loss, token_divergence  # noqa: E402
+
+
+def kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
+
+
+def mix(p, q, w):
+    return [w * a + (1 - w) * b for a, b in zip(p, q)]
+
+
+HAND = {  # name -> (param, per-token formula on probability lists p_s, p_t)
+    "forward_kl": (0.0, lambda s, t: kl(t, s)),
+    "reverse_kl": (0.0, lambda s, t: kl(s, t)),
+    "jsd": (0.3, lambda s, t: 0.3 * kl(t, mix(t, s, 0.3)) + 0.7 * kl(s, mix(t, s, 0.3))),
+    "skew_forward_kl": (0.1, lambda s, t: kl(t, mix(t, s, 0.1))),
+    "skew_reverse_kl": (0.1, lambda s, t: kl(s, mix(s, t, 0.1))),
+    "tvd": (0.0, lambda s, t: 0.5 * sum(abs(a - b) for a, b in zip(t, s))),
+}
+
+
+def test_every_registered_divergence_has_a_hand_computation():
+    assert set(HAND) == set(DIVERGENCES)
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_divergence_matches_hand_computation(name, temperature):
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    param, formula = HAND[name]
+    expected = sum(formula(softmax(sr, temperature), softmax(tr, temperature)) for sr, tr in zip(s.tolist(), t.tolist()))
+    expected = expected / 3 * temperature**2
+    assert distillation_loss(name, s, t, temperature, param).item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_divergence_edges(name):
+    x = torch.randn(4, 9)
+    param = HAND[name][0]
+    assert distillation_loss(name, x, x.clone(), 1.0, param).item() == pytest.approx(0.0, abs=1e-6)
+    empty = torch.zeros(0, 9, requires_grad=True)
+    value = distillation_loss(name, empty, torch.zeros(0, 9), 1.0, param)
+    assert value.item() == 0.0 and value.requires_grad
+    assert distillation_loss(name, x.bfloat16(), torch.randn(4, 9).bfloat16(), 1.0, param).dtype == torch.float32
+    assert (token_divergence(name, x, torch.randn(4, 9), 1.0, param) >= -1e-6).all()
+
+
+def test_jsd_and_skew_reduce_at_their_ends():
+    torch.manual_seed(2)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    fkl, rkl = distillation_loss("forward_kl", s, t), distillation_loss("reverse_kl", s, t)
+    assert torch.allclose(distillation_loss("jsd", s, t, 1.0, 0.0), fkl)
+    assert torch.allclose(distillation_loss("jsd", s, t, 1.0, 1.0), rkl)
+    assert torch.allclose(distillation_loss("skew_forward_kl", s, t, 1.0, 0.0), fkl)
+    assert torch.allclose(distillation_loss("skew_reverse_kl", s, t, 1.0, 0.0), rkl)
+    # JSD is bounded by log 2 (beta = 1/2) and symmetric there.
+    half = distillation_loss("jsd", s, t, 1.0, 0.5)
+    assert 0 < half.item() <= math.log(2) and torch.allclose(half, distillation_loss("jsd", t, s, 1.0, 0.5))
+    assert 0 < distillation_loss("tvd", s, t).item() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_chunked_equals_unchunked_in_value_and_gradient(name):
+    torch.manual_seed(3)
+    base, teacher = torch.randn(37, 50), torch.randn(37, 50)
+    results = []
+    for chunk in (None, 8):
+        s = base.clone().requires_grad_(True)
+        value = distillation_loss(name, s, teacher, 2.0, HAND[name][0], chunk_tokens=chunk)
+        value.backward()
+        results.append((value.detach(), s.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_divergence_gradients_pass_gradcheck(name):
+    torch.manual_seed(4)
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=torch.float64)
+
+    def fn(x):  # the fp32 upcast is part of the loss; gradcheck needs float64 throughout
+        log_s, log_t = torch.log_softmax(x, -1), torch.log_softmax(t, -1)
+        return DIVERGENCES.get(name).per_token(log_s, log_t, HAND[name][0]).mean()
+
+    assert torch.autograd.gradcheck(fn, (s,))
