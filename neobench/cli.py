@@ -58,6 +58,7 @@ def run(
     jsd_beta: Optional[float] = typer.Option(None, help="beta of --loss jsd (0: forward KL, 1: reverse KL).", rich_help_panel=KD),
     skew_alpha: Optional[float] = typer.Option(None, help="alpha of the skew KLs (DistiLLM; default 0.1).", rich_help_panel=KD),
     loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the KD loss (bounds memory; 0: one chunk).", rich_help_panel=KD),
+    teacher_cache: Optional[str] = typer.Option(None, help="Reuse teacher outputs across runs: off, dense or topk:K.", rich_help_panel=KD),
     tasks: Optional[str] = typer.Option(None, help=TASKS_HELP, rich_help_panel=EVAL),
     limit: Optional[int] = typer.Option(None, help="Documents per task (the first N).", rich_help_panel=EVAL),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own).", rich_help_panel=EVAL),
@@ -95,7 +96,7 @@ def run(
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
         "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
         "temperature": temperature, "jsd_beta": jsd_beta, "skew_alpha": skew_alpha,
-        "loss_chunk_tokens": loss_chunk_tokens, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+        "loss_chunk_tokens": loss_chunk_tokens, "teacher_cache": teacher_cache, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
         "save_weights": save_weights, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }

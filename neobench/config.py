@@ -92,6 +92,8 @@ class RunConfig:
     """beta of --loss jsd: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s; 0 = forward KL, 1 = reverse KL."""
     skew_alpha: float = 0.1
     """alpha of --loss skew_forward_kl / skew_reverse_kl (DistiLLM's default 0.1); 0 = plain KL."""
+    teacher_cache: str = "off"
+    """Teacher outputs cached across runs: off, dense (fp16 log-probs) or topk:K (K largest + remaining mass)."""
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the KD loss: bounds its fp32 [tokens x vocabulary] memory; 0 = one chunk."""
 
@@ -223,6 +225,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     method = METHODS.get(cfg.method)
     DIVERGENCES.get(cfg.loss)
+    from neobench.teacher_cache import CacheMode
+
+    CacheMode.parse(cfg.teacher_cache)
     if cfg.variant is not None:
         VARIANTS.get(cfg.variant)
         if method.trains != "adapter":

@@ -113,44 +113,87 @@ DIVERGENCES.add("skew_reverse_kl", Divergence(skew_reverse_kl_tokens, "KL(s || a
 DIVERGENCES.add("tvd", Divergence(tvd_tokens, "total variation distance, (1/2) sum |t - s|"))
 
 DEFAULT_CHUNK_TOKENS = 1024
+MIN_MASS = 1e-12
+"""Floor of the "rest of the vocabulary" bucket of a top-k teacher, so its log stays finite."""
+
+
+@dataclass
+class TeacherLogProbs:
+    """A teacher distribution given as log-probabilities at the loss's temperature, not logits.
+
+    Dense: ``log_probs`` [N, V]. Top-k: ``log_probs`` [N, K] of the token ``ids`` [N, K] and
+    ``rest`` [N], the probability mass of the other V - K tokens (0 when K = V). A top-k teacher
+    is compared with the student over K + 1 outcomes: the K tokens, and "any other token".
+    """
+
+    log_probs: torch.Tensor
+    ids: Optional[torch.Tensor] = None
+    rest: Optional[torch.Tensor] = None
+
+    def __getitem__(self, rows: slice) -> "TeacherLogProbs":
+        pick = (lambda x: None if x is None else x[rows])
+        return TeacherLogProbs(self.log_probs[rows], pick(self.ids), pick(self.rest))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.log_probs.shape
+
+
+Teacher = torch.Tensor | TeacherLogProbs
+"""Teacher logits [N, V], or a dense / top-k :class:`TeacherLogProbs`."""
+
+
+def _log_probs(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_s, log p_t) in fp32 over the same outcomes: the vocabulary, or top-k + rest."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, torch.Tensor):
+        return log_s, F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_t = teacher.log_probs.float()
+    if teacher.ids is None:
+        return log_s, log_t
+    log_s = log_s.gather(-1, teacher.ids.long())
+    if teacher.ids.shape[-1] == student_logits.shape[-1]:  # K = V: nothing else remains
+        return log_s, log_t
+    rest_s = (1 - log_s.exp().sum(-1)).clamp_min(MIN_MASS).log()
+    rest_t = teacher.rest.float().clamp_min(MIN_MASS).log()
+    return torch.cat([log_s, rest_s[:, None]], -1), torch.cat([log_t, rest_t[:, None]], -1)
 
 
 def token_divergence(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, param: float = 0.0
+    name: str, student_logits: torch.Tensor, teacher: Teacher, temperature: float = 1.0, param: float = 0.0
 ) -> torch.Tensor:
-    """One divergence per token, [N, V] x [N, V] -> [N] fp32, softmax at temperature T (no T^2 scaling)."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    """One divergence per token, [N, V] x teacher -> [N] fp32, softmax at temperature T (no T^2 scaling)."""
+    log_s, log_t = _log_probs(student_logits, teacher, temperature)
     return DIVERGENCES.get(name).per_token(log_s, log_t, param)
 
 
 def distillation_loss(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+    name: str, student_logits: torch.Tensor, teacher: Teacher, temperature: float = 1.0,
     param: float = 0.0, chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Mean over tokens of divergence ``name`` between teacher and student, times T^2; fp32 scalar.
 
-    student_logits, teacher_logits: [N, V], response tokens only. The T^2 factor keeps gradient
-    magnitudes comparable across temperatures (Hinton et al., 2015); at T = 1 it changes nothing.
-    With ``chunk_tokens``, tokens are processed in chunks under activation checkpointing: the
-    fp32 softmaxes of one chunk are alive at a time, in the forward and the backward pass, and
-    the value and gradient equal the unchunked computation. Returns 0 (with a gradient path)
-    when N = 0.
+    student_logits: [N, V], response tokens only; teacher: logits [N, V] or TeacherLogProbs.
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.,
+    2015); at T = 1 it changes nothing. With ``chunk_tokens``, tokens are processed in chunks
+    under activation checkpointing: the fp32 softmaxes of one chunk are alive at a time, in the
+    forward and the backward pass, and the value and gradient equal the unchunked computation.
+    Returns 0 (with a gradient path) when N = 0.
     """
     n = student_logits.shape[0]
     if n == 0:
         return student_logits.float().sum() * 0.0
 
-    def chunk_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def chunk_sum(s: torch.Tensor, t: Teacher) -> torch.Tensor:
         return token_divergence(name, s, t, temperature, param).sum()
 
     if not chunk_tokens or n <= chunk_tokens:
-        total = chunk_sum(student_logits, teacher_logits)
+        total = chunk_sum(student_logits, teacher)
     else:
         from torch.utils.checkpoint import checkpoint
 
         total = sum(
-            checkpoint(chunk_sum, student_logits[i : i + chunk_tokens], teacher_logits[i : i + chunk_tokens], use_reentrant=False)
+            checkpoint(chunk_sum, student_logits[i : i + chunk_tokens], teacher[i : i + chunk_tokens], use_reentrant=False)
             for i in range(0, n, chunk_tokens)
         )
     return total / n * temperature**2

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from neobench.losses import DEFAULT_CHUNK_TOKENS, cross_entropy, distillation_loss, next_token_targets
+from neobench.losses import DEFAULT_CHUNK_TOKENS, TeacherLogProbs, cross_entropy, distillation_loss, next_token_targets
 from neobench.registry import Registry
 
 
@@ -52,7 +52,7 @@ def objective(
     method: Method,
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[torch.Tensor | TeacherLogProbs] = None,
     *,
     kd_ratio: float = 0.5,
     temperature: float = 1.0,
@@ -64,6 +64,7 @@ def objective(
     """The method's loss on one batch.
 
     student_logits, teacher_logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX outside responses.
+    teacher_logits may instead be a TeacherLogProbs from the teacher cache, already at the response tokens.
     loss, loss_param: the divergence (see neobench.losses.DIVERGENCES) and its beta/alpha, if any.
     chunk_tokens: tokens per chunk of the divergence (bounds its fp32 memory; same value and gradient).
     vocab_size: the shared tokenizer vocabulary; logit rows past it (embedding padding) are dropped.
@@ -77,6 +78,8 @@ def objective(
     ce = cross_entropy(s, targets[mask])
     if not method.uses_teacher:
         return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce), "tokens": mask.sum()}
-    t = teacher_logits[mask][:, vocab]
+    # Teacher logits [B, T, V'] are selected like the student's; a cached teacher arrives already
+    # selected (TeacherLogProbs over the response tokens, in the same order).
+    t = teacher_logits if isinstance(teacher_logits, TeacherLogProbs) else teacher_logits[mask][:, vocab]
     kd = distillation_loss(loss, s, t, temperature, loss_param, chunk_tokens)
     return {"loss": (1 - kd_ratio) * ce + kd_ratio * kd, "ce": ce, "kd": kd, "tokens": mask.sum()}

@@ -147,6 +147,23 @@ def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
     return student
 
 
+def cached_teacher(cache, ws: Workspace, batch: dict, picks: list[int], counts: dict):
+    """The micro-batch's teacher distributions from the cache, running the teacher for missing examples."""
+    from neobench.teacher_cache import concat
+
+    entries = [cache.load(i, ws.data.examples[i]) for i in picks]
+    missing = [j for j, entry in enumerate(entries) if entry is None]
+    if missing:
+        with torch.no_grad():
+            logits = ws.teacher()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.cpu()
+        for j in missing:
+            entries[j] = cache.store(picks[j], ws.data.examples[picks[j]], logits[j])
+    counts["hits"] += len(picks) - len(missing)
+    counts["misses"] += len(missing)
+    merged = concat(entries)
+    return type(merged)(*(None if x is None else x.to(ws.device) for x in (merged.log_probs, merged.ids, merged.rest)))
+
+
 WEIGHTS_FILE = "trained_weights.safetensors"
 
 
@@ -185,7 +202,16 @@ def train(
     """Train one student; returns (student, per-step log rows, run record)."""
     method = METHODS.get(cfg.method)
     student = build_student(cfg, ws)
-    teacher = ws.teacher() if method.uses_teacher else None
+    cache = None
+    if method.uses_teacher and cfg.teacher_cache != "off":
+        from neobench.teacher_cache import CacheMode, TeacherCache
+
+        cache = TeacherCache.for_run(
+            CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size
+        )
+    # With a cache, the teacher is loaded only if some example of the run is not cached yet.
+    teacher = ws.teacher() if method.uses_teacher and cache is None else None
+    cache_counts = {"hits": 0, "misses": 0}
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     n_steps = planned_steps(cfg, len(ws.data.examples))
@@ -204,19 +230,19 @@ def train(
         start = time.perf_counter()
         for step in range(n_steps):
             picks = order[step * per_step : (step + 1) * per_step]
-            micro_batches = [
-                collate([ws.data.examples[i] for i in picks[k : k + cfg.batch_size]], pad_id)
-                for k in range(0, per_step, cfg.batch_size)
-            ]
+            micro_picks = [picks[k : k + cfg.batch_size] for k in range(0, per_step, cfg.batch_size)]
+            micro_batches = [collate([ws.data.examples[i] for i in mp], pad_id) for mp in micro_picks]
             # Weight each micro-batch by its share of the step's response tokens, so the
             # accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
             step_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
             totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-            for batch in micro_batches:
+            for batch, batch_picks in zip(micro_batches, micro_picks):
                 batch = {k: v.to(ws.device) for k, v in batch.items()}
                 logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 teacher_logits = None
-                if teacher is not None:
+                if cache is not None:
+                    teacher_logits = cached_teacher(cache, ws, batch, batch_picks, cache_counts)
+                elif teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 parts = objective(
@@ -264,6 +290,7 @@ def train(
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in student.parameters()),
             "device": ws.device, "dtype": str(ws.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "teacher_cache": {"mode": cfg.teacher_cache, **cache_counts, "rebuilt": cache.rebuilt if cache else 0},
         },
         "final": {
             "loss": log[-1]["loss"], "ce": log[-1]["ce"], "kd": log[-1]["kd"],

@@ -171,3 +171,39 @@ def test_divergence_gradients_pass_gradcheck(name):
         return DIVERGENCES.get(name).per_token(log_s, log_t, HAND[name][0]).mean()
 
     assert torch.autograd.gradcheck(fn, (s,))
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_top_k_with_k_equal_to_the_vocabulary_equals_dense(name):
+    from neobench.losses import TeacherLogProbs
+
+    torch.manual_seed(5)
+    s, t = torch.randn(6, 11), torch.randn(6, 11)
+    param, temperature = HAND[name][0], 2.0
+    dense = distillation_loss(name, s, t, temperature, param)
+    log_t = torch.log_softmax(t / temperature, -1)
+    values, ids = log_t.sort(-1, descending=True)
+    as_dense = distillation_loss(name, s, TeacherLogProbs(log_t), temperature, param)
+    as_topk = distillation_loss(name, s, TeacherLogProbs(values, ids.int(), torch.zeros(6)), temperature, param)
+    assert as_dense.item() == pytest.approx(dense.item(), abs=1e-6)
+    assert as_topk.item() == pytest.approx(dense.item(), abs=1e-6)
+    # Top-k with a remainder bucket, chunked, keeps value and gradient of the unchunked computation.
+    k_values, k_ids = values[:, :4], ids[:, :4]
+    sparse = TeacherLogProbs(k_values, k_ids.int(), 1 - k_values.exp().sum(-1))
+    grads = []
+    for chunk in (None, 2):
+        x = s.clone().requires_grad_(True)
+        distillation_loss(name, x, sparse, temperature, param, chunk_tokens=chunk).backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_top_k_of_a_peaked_teacher_approximates_dense():
+    from neobench.losses import TeacherLogProbs
+
+    torch.manual_seed(6)
+    s, t = torch.randn(8, 50), torch.randn(8, 50) * 6  # most mass on a few tokens
+    log_t = torch.log_softmax(t, -1)
+    values, ids = log_t.topk(10, -1)
+    sparse = TeacherLogProbs(values, ids.int(), 1 - values.exp().sum(-1))
+    assert distillation_loss("forward_kl", s, sparse).item() == pytest.approx(distillation_loss("forward_kl", s, t).item(), rel=0.05)
