@@ -20,9 +20,9 @@ student_app = typer.Typer(help="Make students from teachers.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 app.add_typer(student_app, name="student")
 
-WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, EVAL, SYSTEM = (
+WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, MINILLM, EVAL, SYSTEM = (
     "What to train", "Models", "Data", "Budget (shared by every method)", "Optimisation", "Adapter",
-    "Distillation", "Evaluation (lm-evaluation-harness)", "System",
+    "Distillation", "MiniLLM (on-policy)", "Evaluation (lm-evaluation-harness)", "System",
 )
 TASKS_HELP = "Comma-separated: neo_suite (the offline suite), its tasks, any lm-eval task (arc_easy, mmlu, ...), or none."
 
@@ -30,7 +30,7 @@ TASKS_HELP = "Comma-separated: neo_suite (the offline suite), its tasks, any lm-
 @app.command()
 def run(
     preset: str = typer.Option("smol-cpu", help="Preset name (see `neobench list`) or path to a preset YAML.", rich_help_panel=WHAT),
-    method: Optional[str] = typer.Option(None, help="sft, lora, kd or neo. Omit (with --variant) for the whole matrix.", rich_help_panel=WHAT),
+    method: Optional[str] = typer.Option(None, help="sft, lora, kd, neo or minillm. Omit (with --variant) for the whole matrix.", rich_help_panel=WHAT),
     variant: Optional[str] = typer.Option(None, help="Adapter variant: lora, dora, pissa, rslora, moslora. Alone it means --method neo.", rich_help_panel=WHAT),
     seeds: int = typer.Option(1, min=1, help="Repeat every run with seeds seed, seed+1, ...", rich_help_panel=WHAT),
     loss: Optional[str] = typer.Option(None, help="Divergence of the KD term: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.", rich_help_panel=WHAT),
@@ -59,6 +59,10 @@ def run(
     skew_alpha: Optional[float] = typer.Option(None, help="alpha of the skew KLs (DistiLLM; default 0.1).", rich_help_panel=KD),
     loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the KD loss (bounds memory; 0: one chunk).", rich_help_panel=KD),
     teacher_cache: Optional[str] = typer.Option(None, help="Reuse teacher outputs across runs: off, dense or topk:K.", rich_help_panel=KD),
+    minillm_max_new_tokens: Optional[int] = typer.Option(None, help="Tokens the student samples per prompt.", rich_help_panel=MINILLM),
+    minillm_temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the student.", rich_help_panel=MINILLM),
+    minillm_gold_fraction: Optional[float] = typer.Option(None, help="Share of each micro-batch that keeps its gold response.", rich_help_panel=MINILLM),
+    minillm_ce_weight: Optional[float] = typer.Option(None, help="Weight of CE on the gold responses.", rich_help_panel=MINILLM),
     tasks: Optional[str] = typer.Option(None, help=TASKS_HELP, rich_help_panel=EVAL),
     limit: Optional[int] = typer.Option(None, help="Documents per task (the first N).", rich_help_panel=EVAL),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own).", rich_help_panel=EVAL),
@@ -96,7 +100,9 @@ def run(
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
         "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
         "temperature": temperature, "jsd_beta": jsd_beta, "skew_alpha": skew_alpha,
-        "loss_chunk_tokens": loss_chunk_tokens, "teacher_cache": teacher_cache, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+        "loss_chunk_tokens": loss_chunk_tokens, "teacher_cache": teacher_cache,
+        "minillm_max_new_tokens": minillm_max_new_tokens, "minillm_temperature": minillm_temperature,
+        "minillm_gold_fraction": minillm_gold_fraction, "minillm_ce_weight": minillm_ce_weight, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
         "save_weights": save_weights, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }

@@ -29,7 +29,7 @@ class RunConfig:
     preset: str = "smol-cpu"
     """Name of the preset this config came from (recorded with the run)."""
     method: str = "neo"
-    """Training method: sft, lora, kd, neo (see `neobench list`)."""
+    """Training method: sft, lora, kd, neo, minillm (see `neobench list`)."""
     variant: Optional[str] = None
     """Adapter variant for adapter methods (lora, dora, pissa, rslora, moslora); None means lora."""
     loss: str = "forward_kl"
@@ -94,6 +94,14 @@ class RunConfig:
     """alpha of --loss skew_forward_kl / skew_reverse_kl (DistiLLM's default 0.1); 0 = plain KL."""
     teacher_cache: str = "off"
     """Teacher outputs cached across runs: off, dense (fp16 log-probs) or topk:K (K largest + remaining mass)."""
+    minillm_max_new_tokens: int = 64
+    """minillm: tokens the student samples per prompt (its responses are capped there)."""
+    minillm_temperature: float = 1.0
+    """minillm: sampling temperature of the student's responses."""
+    minillm_gold_fraction: float = 0.25
+    """minillm: share of each micro-batch whose reverse-KL term uses the gold response instead of a sample."""
+    minillm_ce_weight: float = 1.0
+    """minillm: weight of CE on the gold responses added to the reverse KL."""
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the KD loss: bounds its fp32 [tokens x vocabulary] memory; 0 = one chunk."""
 
@@ -128,12 +136,13 @@ class RunConfig:
     def effective_variant(self) -> Optional[str]:
         from neobench.methods import METHODS
 
-        return (self.variant or "lora") if METHODS.get(self.method).trains == "adapter" else None
+        trains = METHODS.get(self.method).trains
+        if trains == "adapter":
+            return self.variant or "lora"
+        return self.variant if trains == "either" else None
 
     def effective_lr(self) -> float:
-        from neobench.methods import METHODS
-
-        if METHODS.get(self.method).trains == "adapter":
+        if self.effective_variant() is not None:
             return self.adapter_lr if self.adapter_lr is not None else 10 * self.lr
         return self.lr
 
@@ -230,10 +239,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     CacheMode.parse(cfg.teacher_cache)
     if cfg.variant is not None:
         VARIANTS.get(cfg.variant)
-        if method.trains != "adapter":
+        if method.trains == "all":
             raise NeobenchError(
                 f"--variant {cfg.variant} needs an adapter method, but {cfg.method!r} trains all weights; "
-                f"use --method lora or --method neo"
+                f"use --method lora, neo or minillm"
             )
     checks = [
         ("seq_len", cfg.seq_len >= 8, "at least 8"),
@@ -255,6 +264,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("jsd_beta", 0 <= cfg.jsd_beta <= 1, "in [0, 1]"),
         ("skew_alpha", 0 <= cfg.skew_alpha < 1, "in [0, 1)"),
         ("loss_chunk_tokens", cfg.loss_chunk_tokens >= 0, "0 (one chunk) or more"),
+        ("minillm_max_new_tokens", cfg.minillm_max_new_tokens >= 1, "at least 1"),
+        ("minillm_temperature", cfg.minillm_temperature > 0, "positive"),
+        ("minillm_gold_fraction", 0 <= cfg.minillm_gold_fraction <= 1, "in [0, 1]"),
+        ("minillm_ce_weight", cfg.minillm_ce_weight >= 0, "0 or more"),
         ("eval_limit", cfg.eval_limit is None or cfg.eval_limit >= 1, "at least 1"),
         ("eval_num_fewshot", cfg.eval_num_fewshot is None or cfg.eval_num_fewshot >= 0, "0 or more"),
         ("eval_batch_size", cfg.eval_batch_size >= 1, "at least 1"),

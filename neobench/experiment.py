@@ -84,7 +84,7 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
             writer.write_tensors(WEIGHTS_FILE, changed_weights(student, cfg))
         metrics = {
             "run_id": run_id, "preset": cfg.preset, "method": cfg.method, "variant": cfg.effective_variant(),
-            "seed": cfg.seed, "loss": cfg.loss if method.uses_teacher else None,
+            "seed": cfg.seed, "loss": ("reverse_kl" if method.on_policy else cfg.loss) if method.uses_teacher else None,
             "teacher": cfg.teacher, "student": cfg.student, "teacher_path": ws.teacher_path, "student_path": ws.student_path,
             **record, "wall_seconds": time.perf_counter() - started, "versions": versions(),
         }

@@ -9,6 +9,7 @@ whether to attach an adapter and whether to run the teacher, then calls :func:`o
 | lora   | adapter (variant) | CE                                          |
 | kd     | all weights       | (1 - kd_ratio) * CE + kd_ratio * D(t || s)  |
 | neo    | adapter (variant) | (1 - kd_ratio) * CE + kd_ratio * D(t || s)  |
+| minillm| adapter with --variant, else all weights | reverse KL(s || t) on student-sampled responses + minillm_ce_weight * CE on gold |
 
 CE is on response tokens only; D is the divergence chosen by ``loss`` (forward KL by default,
 as in LLM-Neo; see ``neobench list``), per response token, averaged over response tokens.
@@ -29,10 +30,13 @@ from neobench.registry import Registry
 class Method:
     name: str
     trains: str
-    """"all" (every student weight) or "adapter" (only adapter weights; the base is frozen)."""
+    """"all" (every student weight), "adapter" (only adapter weights; the base is frozen), or
+    "either" (an adapter when --variant is given, all weights otherwise)."""
     uses_teacher: bool
     """Whether the objective has a distillation term (and so the teacher runs)."""
     description: str
+    on_policy: bool = False
+    """Whether the distillation term is computed on responses the student samples (see neobench.onpolicy)."""
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -41,6 +45,7 @@ for _m in (
     Method("lora", "adapter", False, "adapter fine-tuning on the responses (CE)"),
     Method("kd", "all", True, "full fine-tuning, (1-kd_ratio)*CE + kd_ratio*KL(teacher||student)"),
     Method("neo", "adapter", True, "LLM-Neo: adapter, (1-kd_ratio)*CE + kd_ratio*KL(teacher||student)"),
+    Method("minillm", "either", True, "MiniLLM-style: reverse KL on student samples + weighted CE on gold", on_policy=True),
 ):
     METHODS.add(_m.name, _m)
 

@@ -39,10 +39,18 @@ def given(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+OWN_LOSS = {"minillm": "reverse_kl"}
+"""Methods whose divergence is part of their definition (not shown in their label)."""
+
+
 def label_of(method: str, variant: Optional[str], loss: Optional[str]) -> str:
-    """sft, kd, lora, neo; neo+dora for other adapter variants; "(loss)" for other divergences."""
-    name = method if not given(variant) or variant == "lora" else f"{method}+{variant}"
-    return name if not given(loss) or loss == "forward_kl" else f"{name} ({loss})"
+    """sft, kd, lora, neo; neo+dora for other adapter variants; minillm+lora for an adapter
+    on a method that can train all weights; "(loss)" for a divergence other than the method's own."""
+    from neobench.methods import METHODS
+
+    adapter_only = method in METHODS and METHODS.get(method).trains == "adapter"
+    name = method if not given(variant) or (variant == "lora" and adapter_only) else f"{method}+{variant}"
+    return name if not given(loss) or loss == OWN_LOSS.get(method, "forward_kl") else f"{name} ({loss})"
 
 
 def t_quantile(n: int) -> float:
@@ -214,7 +222,7 @@ def student_labels(sel: Selection, adapter_variants: bool) -> list[str]:
     chosen = []
     for _, r in runs.iterrows():
         default_variant = not given(r["variant"]) or r["variant"] == "lora"
-        if adapter_variants and given(r["variant"]) and (not given(r["loss"]) or r["loss"] == "forward_kl"):
+        if adapter_variants and given(r["variant"]) and r["label"] == label_of(r["method"], r["variant"], None):
             chosen.append(r)
         elif not adapter_variants and default_variant:
             chosen.append(r)

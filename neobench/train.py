@@ -136,15 +136,19 @@ def planned_steps(cfg: RunConfig, n_examples: int) -> int:
 
 
 def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
-    method = METHODS.get(cfg.method)
     torch.manual_seed(cfg.seed)
     student = load_causal_lm(ws.student_path, ws.dtype, ws.device)
     student.config.use_cache = False
-    if method.trains == "adapter":
+    if cfg.effective_variant() is not None:
         student = apply_adapter(
             student, cfg.effective_variant(), cfg.rank, cfg.effective_alpha(), cfg.dropout, cfg.target_modules, cfg.seed
         )
     return student
+
+
+@torch.no_grad()
+def teacher_forward(teacher: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def cached_teacher(cache, ws: Workspace, batch: dict, picks: list[int], counts: dict):
@@ -203,15 +207,17 @@ def train(
     method = METHODS.get(cfg.method)
     student = build_student(cfg, ws)
     cache = None
-    if method.uses_teacher and cfg.teacher_cache != "off":
+    if method.uses_teacher and not method.on_policy and cfg.teacher_cache != "off":
         from neobench.teacher_cache import CacheMode, TeacherCache
 
         cache = TeacherCache.for_run(
             CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size
         )
     # With a cache, the teacher is loaded only if some example of the run is not cached yet.
-    teacher = ws.teacher() if method.uses_teacher and cache is None else None
+    # minillm always needs it: the sequences it distils on are sampled fresh at every step.
+    teacher = ws.teacher() if method.uses_teacher and (cache is None or method.on_policy) else None
     cache_counts = {"hits": 0, "misses": 0}
+    generation_seconds = 0.0
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     n_steps = planned_steps(cfg, len(ws.data.examples))
@@ -236,20 +242,28 @@ def train(
             # accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
             step_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
             totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-            for batch, batch_picks in zip(micro_batches, micro_picks):
-                batch = {k: v.to(ws.device) for k, v in batch.items()}
-                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                teacher_logits = None
-                if cache is not None:
-                    teacher_logits = cached_teacher(cache, ws, batch, batch_picks, cache_counts)
-                elif teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                parts = objective(
-                    method, logits, batch["labels"], teacher_logits, kd_ratio=cfg.kd_ratio,
-                    temperature=cfg.temperature, loss=cfg.loss, loss_param=cfg.loss_param(),
-                    chunk_tokens=cfg.loss_chunk_tokens or None, vocab_size=ws.vocab_size,
-                )
+            for k, (batch, batch_picks) in enumerate(zip(micro_batches, micro_picks)):
+                batch = {name: v.to(ws.device) for name, v in batch.items()}
+                if method.on_policy:  # minillm: the student samples the responses it is taught on
+                    from neobench.onpolicy import minillm_objective
+
+                    parts, seconds = minillm_objective(
+                        cfg, student, lambda b: teacher_forward(teacher, b), ws.tokenizer, batch,
+                        [ws.data.examples[i] for i in batch_picks], cfg.seed * 1_000_003 + step * 1_009 + k, ws.vocab_size,
+                    )
+                    generation_seconds += seconds
+                else:
+                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    teacher_logits = None
+                    if cache is not None:
+                        teacher_logits = cached_teacher(cache, ws, batch, batch_picks, cache_counts)
+                    elif teacher is not None:
+                        teacher_logits = teacher_forward(teacher, batch)
+                    parts = objective(
+                        method, logits, batch["labels"], teacher_logits, kd_ratio=cfg.kd_ratio,
+                        temperature=cfg.temperature, loss=cfg.loss, loss_param=cfg.loss_param(),
+                        chunk_tokens=cfg.loss_chunk_tokens or None, vocab_size=ws.vocab_size,
+                    )
                 share = float(parts["tokens"]) / max(step_targets, 1)
                 (parts["loss"] * share).backward()
                 for k in totals:
@@ -286,6 +300,7 @@ def train(
         },
         "cost": {
             "train_seconds": wall, "seconds_per_step": wall / len(log), "tokens_per_second": tokens / wall,
+            "generation_seconds": generation_seconds, "update_seconds": wall - generation_seconds,
             "peak_memory_bytes": peak, "memory_kind": memory.kind,
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in student.parameters()),

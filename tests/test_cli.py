@@ -57,7 +57,7 @@ def test_variant_alone_runs_llm_neo(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "distil"], "unknown method 'distil'; valid: sft, lora, kd, neo"),
+    (["--method", "distil"], "unknown method 'distil'; valid: sft, lora, kd, neo, minillm"),
     (["--variant", "qlora"], "unknown variant 'qlora'; valid: lora, dora, pissa, rslora, moslora"),
     (["--method", "sft", "--variant", "dora"], "--variant dora needs an adapter method"),
     (["--preset", "nope"], "unknown preset 'nope'; valid: paper-llama3.2, smol-cpu"),

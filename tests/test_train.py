@@ -1,6 +1,7 @@
 """The training loop on tiny models: every method x variant learns; adapters behave."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -120,3 +121,30 @@ def test_every_step_changes_the_weights(workspace):
     before = [p.detach().clone() for p in build_student(cfg, ws).parameters()]
     student, _, _ = train(cfg, ws)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_minillm_samples_its_own_responses_and_learns(workspace):
+    from neobench.onpolicy import prompt_of, sample_responses
+
+    base, ws = workspace
+    examples = ws.data.examples[:3]
+    student = build_student(dataclasses.replace(base, method="minillm"), ws)
+    out = sample_responses(student, ws.tokenizer, examples, [False, True, False], max_new_tokens=5, temperature=1.0, seed=0)
+    assert out[1] == examples[1], "a gold example keeps its response"
+    for ex, new in zip(examples, out):
+        prompt = prompt_of(ex)
+        assert list(new.input_ids[: len(prompt)]) == prompt
+        reply = [t for t in new.labels if t != -100]
+        assert reply == list(new.input_ids[len(prompt):])
+        if new is not examples[1]:
+            assert 1 <= len(reply) <= 5
+
+    for variant in (None, "lora"):
+        cfg = dataclasses.replace(base, method="minillm", variant=variant, max_steps=4)
+        student, log, record = train(cfg, ws)
+        assert record["cost"]["generation_seconds"] > 0
+        assert record["cost"]["update_seconds"] == pytest.approx(record["cost"]["train_seconds"] - record["cost"]["generation_seconds"])
+        assert all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in log)
+        trainable, total = record["cost"]["trainable_params"], record["cost"]["total_params"]
+        assert (trainable < total / 2) if variant else (trainable == total)
+        assert log[-1]["loss"] < log[0]["loss"], f"minillm+{variant}: {[r['loss'] for r in log]}"
