@@ -30,7 +30,7 @@ def eval_rows(values: dict, with_fidelity: bool = True) -> list[dict]:
 
 
 def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: int = 12, data_hash: str = "d1",
-             rank: int = 32, stamp: str = "0") -> str:
+             rank: int = 32, stamp: str = "0", tokens: int = 0) -> str:
     run_id = f"p-{method}-{variant or 'full'}-s{seed}-r{rank}-{steps}-{data_hash}-{stamp}"
     run = root / run_id
     (run / "evaluations").mkdir(parents=True)
@@ -41,7 +41,7 @@ def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: i
     metrics = {
         "run_id": run_id, "preset": "p", "method": method, "variant": variant, "seed": seed,
         "loss": "forward_kl" if uses_teacher else None, "lr": 1e-4, "wall_seconds": 100.0 + seed,
-        "budget": {"steps": steps, "tokens": 1000 * steps, "data_hash": data_hash, "seq_len": 256, "batch_size": 4,
+        "budget": {"steps": steps, "tokens": tokens or 1000 * steps + (seed if seed < 3 else 0), "data_hash": data_hash, "seq_len": 256, "batch_size": 4,
                    "grad_accum": 2, "stopped_by": "max_steps"},
         "cost": {"trainable_params": 5e6 if variant else 8e7, "peak_memory_bytes": (3 if variant else 4) * 2**30,
                  "memory_kind": "rss", "train_seconds": (60.0 if variant else 80.0) + seed, "tokens_per_second": 200.0,
@@ -93,13 +93,15 @@ def test_budget_and_data_hash_mismatches_are_left_out_with_reasons(matrix):
     make_run(matrix, "lora", "lora", 8, 0.0, data_hash="d2")
     make_run(matrix, "neo", "lora", 0, 0.0, rank=8)
     make_run(matrix, "sft", None, 0, 0.0, stamp="9")  # a newer sft seed 0
+    make_run(matrix, "kd", None, 1, 0.0, stamp="t", tokens=999)  # saw other examples than its seed's runs
     sel = select_comparable(load_results(matrix))
     reasons = dict(sel.left_out)
     assert "steps 24 vs 12" in reasons["p-kd-full-s7-r32-24-d1-0"]
+    assert "tokens differ from the other seed-1 runs: 999 vs 12001" in reasons["p-kd-full-s1-r32-12-d1-t"]
     assert "data_hash d2 vs d1" in reasons["p-lora-lora-s8-r32-12-d2-0"]
     assert "other hyperparameters" in reasons["p-neo-lora-s0-r8-12-d1-0"]
     assert "superseded" in reasons["p-sft-full-s0-r32-12-d1-0"]
-    assert len(reasons) == 4
+    assert len(reasons) == 5
     assert set(sel.students["run_id"]) >= {"p-sft-full-s0-r32-12-d1-9"}
 
 
