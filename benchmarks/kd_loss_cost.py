@@ -1,7 +1,7 @@
 """What the memory-lean KD loss and the teacher-logit cache buy, as figures (nothing passes or fails).
 
     python benchmarks/kd_loss_cost.py loss   [--tokens 2048] [--vocab 49152] [--chunk 256]
-    python benchmarks/kd_loss_cost.py matrix [--preset smol-cpu] [--cache topk:64]
+    python benchmarks/kd_loss_cost.py matrix [--preset smol-cpu] [--cache topk:64] [--max-steps N]
 
 loss:   one KD loss step (forward + backward of the divergence alone) on random logits of the
         default preset's shape, naive (one chunk) vs chunked; each in its own process, so the peak
@@ -69,11 +69,13 @@ def bench_matrix(args) -> None:
         shutil.rmtree(cache_dir() / "teacher-logits", ignore_errors=True)
         with tempfile.TemporaryDirectory() as runs_dir:
             start = time.perf_counter()
+            steps = ["--max-steps", str(args.max_steps)] if args.max_steps else []
             subprocess.run([sys.executable, "-m", "neobench.cli", "run", "--preset", args.preset, "--tasks", "none",
-                            "--teacher-cache", cache, "--runs-dir", runs_dir],
+                            "--teacher-cache", cache, "--runs-dir", runs_dir, *steps],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             times[cache] = time.perf_counter() - start
-    print(f"method matrix of {args.preset} (training only; the teacher-logit cache emptied first)\n")
+    steps = f"{args.max_steps} steps per run" if args.max_steps else "the preset's steps"
+    print(f"method matrix of {args.preset}, {steps} (training only; the teacher-logit cache emptied first)\n")
     print("| teacher cache | wall seconds | vs off |")
     print("|---|---:|---:|")
     for cache, seconds in times.items():
@@ -91,6 +93,7 @@ def main() -> None:
     matrix = sub.add_parser("matrix")
     matrix.add_argument("--preset", default="smol-cpu")
     matrix.add_argument("--cache", default="topk:64")
+    matrix.add_argument("--max-steps", type=int, default=0, help="optimizer steps per run (default: the preset's)")
     args = parser.parse_args()
     bench_loss(args) if args.what == "loss" else bench_matrix(args)
 

@@ -28,11 +28,18 @@ COLUMNS = [
 ]
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
-NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset"} | {"study", "trial"}
+NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens"} | {"study", "trial"}
 
 
 def config_key(config: dict[str, Any], device: str, dtype: str) -> str:
-    """Hash of everything that shapes a run's result except its seed (the device and dtype it actually used)."""
+    """Hash of everything that shapes a run's result except its seed (the device and dtype it actually used).
+
+    Fields a run's config.yaml lacks (it predates them) take today's defaults, so adding a config
+    field does not split earlier runs from later ones.
+    """
+    from neobench.config import RunConfig
+
+    config = {**RunConfig().to_dict(), **config}
     kept = {k: v for k, v in config.items() if k not in NOT_IN_CONFIG_KEY and not k.startswith("eval_")}
     kept["device"], kept["dtype"] = device.split(":")[0], dtype
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
