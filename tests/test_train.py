@@ -84,11 +84,13 @@ def test_moslora_starts_unchanged_and_merges_to_the_same_outputs(tiny):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_accumulation_matches_one_big_batch(workspace):
+@pytest.mark.parametrize("n", [4, 8])
+def test_gradient_accumulation_matches_one_big_batch(workspace, n):
     base, ws = workspace
     # Responses of different lengths per micro-batch: a per-micro-batch mean would differ.
-    one = dataclasses.replace(base, method="kd", batch_size=4, grad_accum=1, max_steps=2)
-    four = dataclasses.replace(one, batch_size=1, grad_accum=4)
+    # A small loss chunk makes the chunked KD path part of the check.
+    one = dataclasses.replace(base, method="kd", batch_size=n, grad_accum=1, max_steps=2, loss_chunk_tokens=16)
+    four = dataclasses.replace(one, batch_size=1, grad_accum=n)
     s1, log1, _ = train(one, ws)
     s4, log4, _ = train(four, ws)
     for a, b in zip(log1, log4):
