@@ -94,7 +94,8 @@ class EvalSpec:
 
     @property
     def lm_eval_tasks(self) -> list[str]:
-        return [t for t in self.tasks if t != FIDELITY]
+        """The tasks lm-eval runs: every standard task, and the suite's tasks marked via_lm_eval."""
+        return [t for t in self.tasks if t not in TASKS or TASKS.get(t).via_lm_eval]
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "tasks": list(self.tasks)}
