@@ -76,6 +76,7 @@ def run(
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
     save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` (default: on).", show_default=False, rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),
+    optuna_trial: Optional[str] = typer.Option(None, hidden=True, help="Set by neobench ablate: the trial this run reports to (JSON)."),
 ):
     """Train students, record what each run consumed, and score them with lm-evaluation-harness.
 
@@ -108,8 +109,8 @@ def run(
     }
     base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
     try:
-        if run_id is not None:  # a child of execute_many: the preset file is the fully resolved config
-            execute(plan(base, base.method, base.variant)[0], run_id=run_id)
+        if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
+            run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
         results = execute_many(plan(base, method, variant, seeds))
     except KeyboardInterrupt:
@@ -123,6 +124,25 @@ def run(
         scores = matrix_scores(results)
         if scores:
             console.print(scores)
+
+
+def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
+    from neobench.experiment import execute
+
+    if optuna_trial is None:
+        execute(cfg, run_id=run_id)
+        return
+    import json
+
+    import optuna
+
+    from neobench.ablation import PRUNED_EXIT, trial_reporter
+
+    try:
+        execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial)))
+    except optuna.TrialPruned as pruned:
+        console.print(f"trial {cfg.trial}: {pruned}; its run was discarded", highlight=False)
+        raise typer.Exit(PRUNED_EXIT) from None
 
 
 def eval_flags(tasks, limit, num_fewshot, batch_size, chat_template) -> dict:
@@ -168,6 +188,54 @@ def eval_command(
 
 
 @app.command()
+def ablate(
+    study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams) or a study YAML file."),
+    trials: Optional[int] = typer.Option(None, min=1, help="Trials the study should hold when done (default: the study file's). Finished ones count."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite:///RUNS_DIR/ablations.db). A PostgreSQL/MySQL URL lets workers on many machines share one study."),
+    workers: int = typer.Option(1, min=1, help="Local worker processes on the same storage; each trains one trial at a time."),
+    study_name: Optional[str] = typer.Option(None, help="Name of the study in the storage (default: the study file's name)."),
+    runs_dir: Optional[str] = typer.Option(None, help="Where trial runs are written (default: the preset's, runs)."),
+    report_: bool = typer.Option(True, "--report/--no-report", help="Write leaderboards/<preset>/ablations/<study>.md and plots when done."),
+    out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory for --report."),
+    worker: bool = typer.Option(False, "--worker", hidden=True),
+):
+    """Run an Optuna study: every trial is a `neobench run` with the study's parameters.
+
+    \b
+    neobench ablate rank                     the rank sweep of ablations/rank.yaml
+    neobench ablate kd_ratio --trials 8      8 trials (finished ones count: re-running continues)
+    neobench ablate lr --workers 2           two local workers on one SQLite study
+    neobench ablate neo-hparams --storage postgresql://host/db   workers on many machines
+
+    Trials are ordinary run directories (tagged with study and trial) in RUNS_DIR. The study lives
+    in --storage; running the command again continues it, and a trial whose process died is run
+    again with the same parameters. Held-out NLL is reported every few steps, so a study with a
+    median pruner stops poor trials early.
+    """
+    import shlex
+
+    from neobench.ablation import export_studies, load_spec, render, run_study, work
+    from neobench.config import RunConfig
+
+    spec = load_spec(study)
+    if worker:
+        work(spec, study_name or spec.name, storage, trials or spec.trials, runs_dir or RunConfig.runs_dir)
+        return
+    command = "neobench ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    try:
+        the_study, storage_url = run_study(spec, trials, storage, workers, study_name, runs_dir, command)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the unfinished trial is queued again; `neobench ablate {study}` continues the study")
+        raise typer.Exit(130) from None
+    if report_:
+        import json
+
+        for path in export_studies(storage_url, out, only=the_study.study_name):
+            for file in render(json.loads(path.read_text()), path.parent):
+                console.print(f"  {file}", highlight=False)
+
+
+@app.command()
 def report(
     runs: Path = typer.Option(Path("runs"), help="Runs directory to collect (skipped when it holds no runs)."),
     out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory: one folder per preset."),
@@ -206,6 +274,7 @@ def report(
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if not presets:
         raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
+    from neobench.ablation import STORAGE_FILE, export_studies, render_all
     from neobench.report import render
 
     for name in presets:
@@ -213,11 +282,16 @@ def report(
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
         for run_id, reason in sorted(result.left_out):
             console.print(f"  left out {run_id}: {reason}", highlight=False)
+    if (runs / STORAGE_FILE).is_file():  # studies run with the default storage beside these runs
+        export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out)
+    ablation_files = render_all(out, preset)
+    if ablation_files:
+        console.print(f"ablations: {sum(f.suffix == '.md' for f in ablation_files)} studies, {len(ablation_files)} files", highlight=False)
 
 
 @app.command("list")
 def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
-    """List methods, adapter variants, losses, evaluation tasks and presets."""
+    """List methods, adapter variants, losses, evaluation tasks, presets and ablation studies."""
     from rich.table import Table
 
     from neobench.adapters import VARIANTS
@@ -242,6 +316,11 @@ def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list 
     for name, path in PRESETS.items():
         first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
         table.add_row("preset", name, first)
+    from neobench.ablation import study_files
+
+    for name, path in study_files().items():
+        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+        table.add_row("study", name, first)
     console.print(table)
     if fields:
         docs = field_docs()

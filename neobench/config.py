@@ -132,6 +132,10 @@ class RunConfig:
     """Where run directories are written."""
     save_weights: bool = True
     """Store the weights a run changed (adapters; all weights for sft/kd) so `neobench eval --run` can reload it."""
+    study: Optional[str] = None
+    """Set by `neobench ablate`: the Optuna study this run is a trial of (None: not an ablation trial)."""
+    trial: Optional[int] = None
+    """Set by `neobench ablate`: the trial number within ``study``."""
 
     def effective_variant(self) -> Optional[str]:
         from neobench.methods import METHODS

@@ -32,6 +32,7 @@ SUITE_ALIAS = "neo_suite"
 FIDELITY = "neo_fidelity"
 FIDELITY_VERSION = 1
 FIDELITY_MAX_TOKENS = 1024
+FIDELITY_HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True}
 
 
 @dataclass(frozen=True)
@@ -282,13 +283,9 @@ def fidelity_scores(
 
     Conversations are encoded exactly as in training (chat template, assistant-only positions).
     """
-    from neobench.data import Example, encode_chat
     from neobench.progress import CountProgress
 
-    examples = []
-    for pair in pairs:
-        ids, labels = encode_chat(tokenizer, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["response"]}])
-        examples.append(Example(tuple(ids[:FIDELITY_MAX_TOKENS]), tuple(labels[:FIDELITY_MAX_TOKENS])))
+    examples = encode_pairs(tokenizer, pairs)
     device = next(student.parameters()).device
     vocab = slice(None, vocab_size)
     scores: dict[str, list[float]] = {"kl": [], "top1_agreement": []}
@@ -298,6 +295,40 @@ def fidelity_scores(
             _fidelity_batch(student, teacher, tokenizer.pad_token_id, examples[start : start + batch_size], vocab, device, scores)
             bar.update(min(start + batch_size, len(examples)))
     return scores
+
+
+def encode_pairs(tokenizer, pairs: list[dict[str, str]]) -> list:
+    """Held-out pairs as training examples (chat template, assistant-only labels), capped in length."""
+    from neobench.data import Example, encode_chat
+
+    examples = []
+    for pair in pairs:
+        ids, labels = encode_chat(tokenizer, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["response"]}])
+        examples.append(Example(tuple(ids[:FIDELITY_MAX_TOKENS]), tuple(labels[:FIDELITY_MAX_TOKENS])))
+    return examples
+
+
+@torch.no_grad()
+def heldout_nll(model: torch.nn.Module, pad_id: int, examples: list, batch_size: int = 8) -> float:
+    """Mean over responses of each response's per-token NLL: neo_heldout_nll's definition, computed
+    directly on encoded examples so a training loop can report it between steps in seconds."""
+    from neobench.data import collate
+    from neobench.losses import next_token_targets
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    per_response: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        mask, targets = next_token_targets(batch["labels"])
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        for i in range(mask.shape[0]):
+            if mask[i].any():
+                per_response.append(float(token_nll[i][mask[i]].mean()))
+    model.train(was_training)
+    return sum(per_response) / max(len(per_response), 1)
 
 
 @torch.no_grad()
@@ -325,7 +356,7 @@ def fidelity_rows(student, teacher, tokenizer, spec: EvalSpec, vocab_size: Optio
 
     pairs = heldout_pairs(spec.heldout_data, spec.heldout_split)[: spec.limit]
     scores = fidelity_scores(student, teacher, tokenizer, pairs, spec.batch_size, vocab_size)
-    better = {"kl": False, "top1_agreement": True}
+    better = FIDELITY_HIGHER_IS_BETTER
     return [
         {
             "task": FIDELITY, "metric": metric, "value": sum(values) / len(values),

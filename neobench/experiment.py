@@ -51,8 +51,12 @@ def run_label(cfg: RunConfig) -> str:
     return f"{cfg.method}+{variant}" if variant else cfg.method
 
 
-def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
-    """Train one run, write its directory, then evaluate the student; returns its metrics."""
+def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None) -> dict:
+    """Train one run, write its directory, then evaluate the student; returns its metrics.
+
+    ``after_step(step, student, ws)`` runs between optimizer steps (an ablation trial reports
+    its intermediate held-out NLL there); an exception it raises discards the run.
+    """
     from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
     from neobench.train import WEIGHTS_FILE, changed_weights, planned_steps, prepare, train
 
@@ -79,7 +83,8 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None) -> dict:
                 kd = f" kd {row['kd']:.3f}" if method.uses_teacher else ""
                 progress.update(task, completed=row["step"], info=f"loss {row['loss']:.3f} ce {row['ce']:.3f}{kd} | {row['tokens_per_s']:.0f} tok/s")
 
-            student, _, record = train(cfg, ws, on_step)
+            hook = (lambda step, student: after_step(step, student, ws)) if after_step else None
+            student, _, record = train(cfg, ws, on_step, hook)
         if cfg.save_weights:
             writer.write_tensors(WEIGHTS_FILE, changed_weights(student, cfg))
         metrics = {
@@ -146,26 +151,31 @@ def execute_many(cfgs: list[RunConfig]) -> list[dict]:
         if len(cfgs) > 1:
             console.rule(f"[bold]run {i}/{len(cfgs)}: {run_label(cfg)} seed {cfg.seed}")
         run_id = new_run_id(cfg)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(cfg.to_dict(), f)
-        cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", f.name, "--run-id", run_id]
-        child = subprocess.Popen(cmd)
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:
-            # Let the child discard its unfinished run directory before we stop.
-            child.send_signal(signal.SIGINT)
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-            raise
-        finally:
-            Path(f.name).unlink()
+        code = run_in_child(cfg, run_id)
         if code != 0:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
     return results
+
+
+def run_in_child(cfg: RunConfig, run_id: str, extra_args: tuple[str, ...] = ()) -> int:
+    """Train and evaluate ``cfg`` in a fresh `neobench run` process; returns its exit code."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg.to_dict(), f)
+    cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", f.name, "--run-id", run_id, *extra_args]
+    child = subprocess.Popen(cmd)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # Let the child discard its unfinished run directory before we stop.
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    finally:
+        Path(f.name).unlink()
 
 
 def summary_table(results: list[dict]) -> Table:

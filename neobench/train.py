@@ -201,9 +201,14 @@ def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.n
 
 
 def train(
-    cfg: RunConfig, ws: Workspace, on_step: Optional[Callable[[dict], None]] = None
+    cfg: RunConfig, ws: Workspace, on_step: Optional[Callable[[dict], None]] = None,
+    after_step: Optional[Callable[[int, torch.nn.Module], None]] = None,
 ) -> tuple[torch.nn.Module, list[dict], dict]:
-    """Train one student; returns (student, per-step log rows, run record)."""
+    """Train one student; returns (student, per-step log rows, run record).
+
+    ``on_step(row)`` gets each step's log row; ``after_step(step, student)`` may inspect the
+    student between steps (an ablation's intermediate held-out NLL) or raise to stop the run.
+    """
     method = METHODS.get(cfg.method)
     student = build_student(cfg, ws)
     cache = None
@@ -285,6 +290,11 @@ def train(
             log.append(row)
             if on_step:
                 on_step(row)
+            if after_step:
+                # Time spent inspecting the student is not training time: shift the clock past it.
+                paused = time.perf_counter()
+                after_step(step + 1, student)
+                start += time.perf_counter() - paused
             if cfg.max_wall_seconds and elapsed >= cfg.max_wall_seconds and step + 1 < n_steps:
                 stopped_by = "max_wall_seconds"
                 break

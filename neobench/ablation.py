@@ -1,0 +1,911 @@
+"""Ablations with Optuna: a study file in ablations/ -> trials (ordinary runs) -> tables and plots.
+
+    StudySpec       ablations/<name>.yaml, checked field by field (a bad file fails in one line naming the field)
+    run_study       create or load the study on its storage (SQLite beside the runs by default), then
+                    run K workers until N trials are finished
+    work            one worker: ask a trial, train + evaluate it in a child `neobench run`, tell the value
+    TrialReporter   in that child: held-out NLL every few steps -> trial.report -> the pruner may stop it
+    export/render   the study's trials -> <study>.trials.json -> <study>.md and PNG plots
+
+Every trial is an ordinary run directory whose config carries ``study`` and ``trial``, so
+`neobench report` collects it (the main tables leave trials out and point here).
+
+Exactly N trials: a worker starts a trial only while fewer than N are finished or running, and a
+trial asked in the same instant as another that fills the budget is told FAIL as "surplus"
+before it trains. A trial whose worker died (killed, machine lost) is failed and re-queued with
+the same parameters: at once when the worker ran on this host and its process is gone, else by
+Optuna's heartbeat after ``GRACE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from neobench.config import FIELD_NAMES, RunConfig, apply_overrides, load_preset, validate
+from neobench.errors import NeobenchError
+from neobench.progress import console
+from neobench.registry import Registry
+
+STUDY_DIRS = (Path.cwd() / "ablations", Path(__file__).resolve().parent.parent / "ablations")
+STORAGE_FILE = "ablations.db"
+PRUNED_EXIT = 3
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 300
+MAX_FAILURES_IN_A_ROW = 3
+BUDGET_KEYS = ("max_steps", "batch_size", "grad_accum", "seq_len", "max_examples", "max_wall_seconds")
+SPEC_KEYS = ("description", "preset", "objective", "space", "sampler", "seed", "trials", "seeds", "budget",
+             "fixed", "pruner", "intermediate")
+
+
+class SurplusTrial(Exception):
+    """This trial was asked while another filled the study's last slot; it is dropped before training."""
+
+
+class TrialFailed(NeobenchError):
+    pass
+
+
+# --- the study file --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space: a RunConfig field and its range or choices."""
+
+    name: str
+    kind: str  # int, float or categorical
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: tuple = ()
+    grid: tuple = ()
+    """Points a grid sampler visits (for categorical: the choices)."""
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def grid_points(self) -> list:
+        return list(self.choices) if self.kind == "categorical" else list(self.grid)
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
+        text = f"{self.name} in [{_fmt(self.low)}, {_fmt(self.high)}]" + (" (log)" if self.log else "")
+        return text + (f", grid {', '.join(_fmt(g) for g in self.grid)}" if self.grid else "")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    preset: str
+    objective_task: str
+    objective_metric: str
+    space: tuple[Param, ...]
+    sampler: str = "tpe"
+    seed: int = 0
+    """Seed of the sampler (and the base seed of every trial's runs)."""
+    trials: int = 8
+    """Trials run when --trials is not given."""
+    seeds: int = 1
+    """Runs per trial (seeds seed, seed+1, ...); the objective is their mean."""
+    budget: tuple[tuple[str, Any], ...] = ()
+    fixed: tuple[tuple[str, Any], ...] = ()
+    pruner: str = "none"
+    pruner_startup_trials: int = 2
+    pruner_warmup_steps: int = 4
+    report_every: int = 4
+    """Steps between intermediate held-out NLL reports (0: none)."""
+    report_prompts: int = 16
+    """Held-out prompts scored at each report."""
+    source: str = ""
+
+    @property
+    def objective(self) -> str:
+        return f"{self.objective_task}/{self.objective_metric}"
+
+    def base_config(self) -> RunConfig:
+        cfg = load_preset(self.preset)
+        return validate(apply_overrides(cfg, {**dict(self.budget), **dict(self.fixed)}, f"study {self.source!r}"))
+
+    def fingerprint(self) -> dict:
+        """What makes two studies the same experiment (not the description or trial count)."""
+        return {
+            "preset": self.preset, "objective": self.objective, "space": [dataclasses.asdict(p) for p in self.space],
+            "sampler": self.sampler, "seed": self.seed, "seeds": self.seeds, "budget": list(self.budget),
+            "fixed": list(self.fixed), "pruner": self.pruner,
+        }
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def study_files() -> Registry[Path]:
+    """Study name -> file: ablations/ in the working directory, then the repository's."""
+    found: Registry[Path] = Registry("study")
+    for folder in STUDY_DIRS:
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem not in found:
+                found.add(path.stem, path)
+    return found
+
+
+def load_spec(name_or_path: str) -> StudySpec:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = study_files().get(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise NeobenchError(f"study {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_spec(data, path.stem, str(path))
+
+
+def parse_spec(data: Any, name: str, source: str) -> StudySpec:
+    """Check a study file's fields; the first problem is raised in one line that names the field."""
+    from neobench.evaluation import TASKS, parse_task_list
+
+    def bad(field: str, problem: str) -> NeobenchError:
+        return NeobenchError(f"study {source!r}: field {field!r} {problem}")
+
+    if not isinstance(data, dict):
+        raise NeobenchError(f"study {source!r} must be a mapping with keys {', '.join(SPEC_KEYS)}")
+    for key in data:
+        if key not in SPEC_KEYS:
+            raise bad(key, f"is not a study key; valid keys: {', '.join(SPEC_KEYS)}")
+    for key in ("preset", "objective", "space"):
+        if key not in data:
+            raise bad(key, "is missing")
+
+    def integer(key: str, default: int, least: int) -> int:
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise bad(key, f"must be an integer >= {least}, got {value!r}")
+        return value
+
+    def mapping(key: str) -> dict:
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise bad(key, f"must be a mapping of config keys to values, got {value!r}")
+        for k in value:
+            if k not in FIELD_NAMES:
+                raise bad(f"{key}.{k}", f"is not a config key; valid keys: {', '.join(FIELD_NAMES)}")
+        return value
+
+    budget, fixed = mapping("budget"), mapping("fixed")
+    for k in budget:
+        if k not in BUDGET_KEYS:
+            raise bad(f"budget.{k}", f"is not a budget key ({', '.join(BUDGET_KEYS)}); put it under 'fixed'")
+    for k in fixed:
+        if k in BUDGET_KEYS:
+            raise bad(f"fixed.{k}", "is a budget key; put it under 'budget'")
+        if k in ("study", "trial", "seed", "preset", "runs_dir"):
+            raise bad(f"fixed.{k}", "is set by `neobench ablate` itself")
+    from neobench.config import PRESETS
+
+    preset = data["preset"]
+    if not isinstance(preset, str) or not (preset in PRESETS or Path(preset).is_file()):
+        raise bad("preset", f"must name a preset ({', '.join(PRESETS)}) or a preset file, got {preset!r}")
+    try:
+        base = validate(apply_overrides(load_preset(preset), {**budget, **fixed}, "budget/fixed"))
+    except NeobenchError as err:
+        raise NeobenchError(f"study {source!r}: {err}") from None
+
+    objective = data["objective"]
+    if not isinstance(objective, str) or objective.count("/") != 1:
+        raise bad("objective", f"must be TASK/METRIC, e.g. neo_heldout_nll/nll, got {objective!r}")
+    task, metric = objective.split("/")
+    if task in TASKS and metric not in TASKS.get(task).metrics:
+        raise bad("objective", f"names metric {metric!r}, which {task} does not report; it reports {', '.join(TASKS.get(task).metrics)}")
+    if task not in parse_task_list(base.eval_tasks):
+        raise bad("objective", f"names task {task!r}, which the trials do not evaluate (eval_tasks: {base.eval_tasks})")
+
+    space = data["space"]
+    if not isinstance(space, dict) or not space:
+        raise bad("space", "must map config keys to ranges, e.g. rank: {type: int, low: 8, high: 256, log: true}")
+    params = tuple(_parse_param(name_, value, base, bad) for name_, value in space.items())
+    for p in params:
+        if p.name in budget or p.name in fixed:
+            raise bad(f"space.{p.name}", "is also held fixed under 'budget' or 'fixed'; keep it in one place")
+
+    sampler = data.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise bad("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "grid":
+        for p in params:
+            if not p.grid_points():
+                raise bad(f"space.{p.name}.grid", "is needed by the grid sampler: list the points to visit")
+
+    pruner = data.get("pruner", "none")
+    pruner_opts: dict = {}
+    if isinstance(pruner, dict):
+        pruner_opts = dict(pruner)
+        pruner = pruner_opts.pop("type", None)
+        for k in pruner_opts:
+            if k not in ("startup_trials", "warmup_steps"):
+                raise bad(f"pruner.{k}", "is not a pruner key; valid keys: type, startup_trials, warmup_steps")
+    if pruner not in PRUNERS:
+        raise bad("pruner", f"must be one of {', '.join(PRUNERS)} (or a mapping with type:), got {pruner!r}")
+    for k, v in pruner_opts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise bad(f"pruner.{k}", f"must be an integer >= 0, got {v!r}")
+
+    intermediate = data.get("intermediate") or {}
+    if not isinstance(intermediate, dict) or set(intermediate) - {"every", "prompts"}:
+        raise bad("intermediate", f"must be a mapping with keys every, prompts; got {intermediate!r}")
+    every, prompts = intermediate.get("every", 4), intermediate.get("prompts", 16)
+    for k, v, least in (("every", every, 0), ("prompts", prompts, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise bad(f"intermediate.{k}", f"must be an integer >= {least}, got {v!r}")
+    if pruner != "none" and every == 0:
+        raise bad("intermediate.every", f"is 0, so the {pruner} pruner would never see a value; report every few steps")
+
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise bad("description", f"must be text, got {description!r}")
+    return StudySpec(
+        name=name, description=description.strip(), preset=preset, objective_task=task, objective_metric=metric,
+        space=params, sampler=sampler, seed=integer("seed", 0, 0), trials=integer("trials", 8, 1),
+        seeds=integer("seeds", 1, 1), budget=tuple(budget.items()), fixed=tuple(fixed.items()), pruner=pruner,
+        pruner_startup_trials=pruner_opts.get("startup_trials", 2), pruner_warmup_steps=pruner_opts.get("warmup_steps", 4),
+        report_every=every, report_prompts=prompts, source=source,
+    )
+
+
+def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
+    field = f"space.{name}"
+    if name not in FIELD_NAMES:
+        raise bad(field, f"is not a config key; valid keys: {', '.join(FIELD_NAMES)}")
+    if name in ("study", "trial", "seed", "preset", "runs_dir"):
+        raise bad(field, "cannot be searched")
+    if not isinstance(raw, dict) or raw.get("type") not in ("int", "float", "categorical"):
+        raise bad(f"{field}.type", "must be int, float or categorical")
+    allowed = {"type", "choices"} if raw["type"] == "categorical" else {"type", "low", "high", "log", "step", "grid"}
+    for k in raw:
+        if k not in allowed:
+            raise bad(f"{field}.{k}", f"is not a key of a {raw['type']} parameter; valid keys: {', '.join(sorted(allowed))}")
+
+    if raw["type"] == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise bad(f"{field}.choices", "must list at least two values")
+        for c in choices:
+            _checked(base, name, c, f"{field}.choices", bad)
+        return Param(name, "categorical", choices=tuple(choices))
+    number = int if raw["type"] == "int" else float
+    values = {}
+    for k in ("low", "high"):
+        v = raw.get(k)
+        if isinstance(v, str):
+            try:
+                v = float(v)  # YAML reads 1e-4 (no dot) as text
+            except ValueError:
+                pass
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (number is int and not float(v).is_integer()):
+            raise bad(f"{field}.{k}", f"must be a{'n integer' if number is int else ' number'}, got {raw.get(k)!r}")
+        values[k] = number(v)
+        _checked(base, name, values[k], f"{field}.{k}", bad)
+    low, high, log = values["low"], values["high"], bool(raw.get("log", False))
+    if not low < high:
+        raise bad(f"{field}.high", f"must be above low ({_fmt(low)}), got {_fmt(high)}")
+    if log and low <= 0:
+        raise bad(f"{field}.low", f"must be positive on a log scale, got {_fmt(low)}")
+    step = raw.get("step")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
+        raise bad(f"{field}.step", "must be a positive number, and cannot be combined with log")
+    grid = raw.get("grid") or []
+    if not isinstance(grid, list):
+        raise bad(f"{field}.grid", f"must be a list of points, got {grid!r}")
+    points = []
+    for g in grid:
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not low <= g <= high or (number is int and not float(g).is_integer()):
+            raise bad(f"{field}.grid", f"has {g!r}, which is not a{'n integer' if number is int else ' number'} in [{_fmt(low)}, {_fmt(high)}]")
+        points.append(number(g))
+    return Param(name, raw["type"], low=low, high=high, log=log, step=step, grid=tuple(points))
+
+
+def _checked(base: RunConfig, name: str, value: Any, field: str, bad) -> None:
+    """A value the search may pick must make a valid run config (rank >= 1, kd_ratio in [0, 1], ...)."""
+    try:
+        validate(apply_overrides(base, {name: value}, field))
+    except NeobenchError as err:
+        raise bad(field, f"holds {value!r}, which is not a valid {name}: {err}") from None
+
+
+# --- samplers, pruners, storage ------------------------------------------------------------
+
+
+def _grid(spec: StudySpec):
+    import optuna
+
+    return optuna.samplers.GridSampler({p.name: p.grid_points() for p in spec.space}, seed=spec.seed)
+
+
+def _tpe(spec: StudySpec):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials))
+
+
+def _random(spec: StudySpec):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+SAMPLERS: Registry = Registry("sampler")
+SAMPLERS.add("tpe", _tpe)
+SAMPLERS.add("random", _random)
+SAMPLERS.add("grid", _grid)
+
+
+def _median(spec: StudySpec):
+    import optuna
+
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_steps, interval_steps=1
+    )
+
+
+def _no_pruner(spec: StudySpec):
+    import optuna
+
+    return optuna.pruners.NopPruner()
+
+
+PRUNERS: Registry = Registry("pruner")
+PRUNERS.add("none", _no_pruner)
+PRUNERS.add("median", _median)
+
+
+def quiet_optuna() -> None:
+    """Optuna logs every trial and warns that heartbeats and its matplotlib plots are experimental;
+    neobench prints its own line per trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def default_storage(runs_dir: str) -> str:
+    return f"sqlite:///{Path(runs_dir).resolve() / STORAGE_FILE}"
+
+
+def open_storage(url: str):
+    """Optuna RDB storage with heartbeats, so a trial whose worker vanished is failed and retried."""
+    import optuna
+
+    quiet_optuna()
+    engine_kwargs: dict = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Workers and their trial processes write at once; wait for SQLite's lock instead of failing.
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat options are marked experimental
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            )
+        except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
+            raise NeobenchError(f"cannot open study storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def objective_direction(spec: StudySpec, cfg: RunConfig, student_path: str) -> str:
+    """minimize or maximize, from the task's higher_is_better as lm-eval (or neo_fidelity) declares it."""
+    from neobench.evaluation import FIDELITY, FIDELITY_HIGHER_IS_BETTER, EvalSpec, load_tasks
+
+    task, metric = spec.objective_task, spec.objective_metric
+    if task == FIDELITY:
+        better = FIDELITY_HIGHER_IS_BETTER
+    else:
+        taskset = load_tasks(dataclasses.replace(EvalSpec.from_config(cfg), tasks=(task,)), student_path)
+        loaded = taskset.manager.load([task])["tasks"]
+        if task not in loaded:
+            raise NeobenchError(f"study {spec.source!r}: field 'objective' names {task!r}, a group; name one of its tasks: {', '.join(loaded)}")
+        better = loaded[task].higher_is_better()
+    if metric not in better:
+        raise NeobenchError(f"study {spec.source!r}: field 'objective' names metric {metric!r}, which {task} does not report; it reports {', '.join(better)}")
+    return "maximize" if better[metric] else "minimize"
+
+
+# --- running a study ---------------------------------------------------------------------------
+
+
+def counted(study) -> int:
+    """Trials that use up the budget: finished (complete or pruned) or running."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def reap_dead_trials(study, storage) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker ran on this host and is gone (killed, crashed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host, reaped = socket.gethostname(), []
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except Exception:  # another worker reaped it first
+            continue
+        retry(study, storage.get_trial(t._trial_id))
+        reaped.append(t.number)
+    return reaped
+
+
+def requeue(study, trial_number: int) -> None:
+    """Queue a failed (interrupted) trial again with the same parameters."""
+    import optuna
+
+    frozen = study.get_trials(deepcopy=False)[trial_number]
+    optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, frozen)
+
+
+def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: str, command: str):
+    """Create the study, or load it to continue; refuse to continue one made from another spec."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec),
+        pruner=PRUNERS.get(spec.pruner)(spec), direction=direction, load_if_exists=True,
+    )
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        for key, value in {"spec": spec.name, "preset": spec.preset, "objective": spec.objective, "direction": direction,
+                           "fingerprint": spec.fingerprint(), "command": command, "description": spec.description,
+                           "sampler": spec.sampler, "pruner": spec.pruner, "seeds": spec.seeds,
+                           "budget": dict(spec.budget), "fixed": dict(spec.fixed),
+                           "space": [p.describe() for p in spec.space]}.items():
+            study.set_user_attr(key, value)
+    elif json.loads(json.dumps(stored)) != json.loads(json.dumps(spec.fingerprint())):
+        raise NeobenchError(
+            f"study {study_name!r} in {storage_url} was made from a different version of {spec.source}; "
+            f"continue it with the same file, or start a new one with --study-name"
+        )
+    elif study.direction.name.lower() != direction:
+        raise NeobenchError(f"study {study_name!r} in {storage_url} maximizes/minimizes the other way; use --study-name")
+    return study, storage
+
+
+def load_study(spec: StudySpec, study_name: str, storage_url: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec),
+                              pruner=PRUNERS.get(spec.pruner)(spec))
+    return study, storage
+
+
+def grid_size(spec: StudySpec) -> Optional[int]:
+    return math.prod(len(p.grid_points()) for p in spec.space) if spec.sampler == "grid" else None
+
+
+def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs_dir: str) -> None:
+    """One worker: run trials until the study holds ``n_trials`` finished ones."""
+    from neobench.experiment import run_in_child, run_label
+    from neobench.runs import new_run_id
+
+    study, storage = load_study(spec, study_name, storage_url)
+    base = dataclasses.replace(spec.base_config(), runs_dir=runs_dir)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    current: dict[str, Any] = {}
+
+    def objective(trial) -> float:
+        import optuna
+
+        trial.set_user_attr("worker", me)
+        current["number"] = trial.number
+        if _is_surplus(study, trial.number, n_trials):
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial()
+        params = {p.name: p.suggest(trial) for p in spec.space}
+        console.rule(f"[bold]{study_name} trial {trial.number}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}")
+        run_ids, values, stderrs = [], [], []
+        for offset in range(spec.seeds):
+            cfg = validate(dataclasses.replace(
+                apply_overrides(base, params, f"trial {trial.number}"), seed=base.seed + offset,
+                study=study_name, trial=trial.number,
+            ))
+            run_id = new_run_id(cfg)
+            payload = {"storage": storage_url, "study": study_name, "spec": spec.source, "trial_id": trial._trial_id,
+                       "report": offset == 0}
+            code = run_in_child(cfg, run_id, ("--optuna-trial", json.dumps(payload)))
+            if code == PRUNED_EXIT:
+                raise optuna.TrialPruned()
+            if code != 0:
+                raise TrialFailed(f"trial {trial.number} ({run_label(cfg)}, {params}) failed: its run exited with {code}")
+            run_ids.append(run_id)
+            trial.set_user_attr("run_ids", run_ids)
+            found = read_objective(Path(runs_dir) / run_id, spec)
+            values.append(found["value"])
+            stderrs.append(found["stderr"])
+            for key in ("teacher", "untrained", "train_seconds", "peak_memory_bytes", "trainable_params"):
+                trial.set_user_attr(key, found[key])
+        value = sum(values) / len(values)
+        trial.set_user_attr("seed_values", values)
+        if all(s is not None for s in stderrs):
+            trial.set_user_attr("stderr", math.sqrt(sum(s * s for s in stderrs)) / len(stderrs))
+        return value
+
+    failures = 0
+    while True:
+        reaped = reap_dead_trials(study, storage)
+        if reaped:
+            console.print(f"re-queued trial(s) {', '.join(map(str, reaped))}: their worker process is gone", highlight=False)
+        if counted(study) >= n_trials and not _waiting(study):
+            return
+        current.clear()
+        try:
+            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        except SurplusTrial:
+            return
+        except TrialFailed as err:
+            failures += 1
+            console.print(f"[red]{err}[/red]", highlight=False)
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise NeobenchError(f"{failures} trials in a row failed; the last: {err}") from None
+            continue
+        except KeyboardInterrupt:
+            if "number" in current:  # optuna marked it FAIL; queue it again so the study resumes with it
+                requeue(study, current["number"])
+            raise
+        failures = 0
+        _print_progress(study, n_trials)
+
+
+def _waiting(study) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _is_surplus(study, number: int, n_trials: int) -> bool:
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and t.state in live) >= n_trials
+
+
+def _print_progress(study, n_trials: int) -> None:
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    last = max(done, key=lambda t: t.datetime_complete)
+    best = study.best_trial if any(t.state == TrialState.COMPLETE for t in done) else None
+    what = f"{study.user_attrs.get('objective')} {last.value:.4f}" if last.state == TrialState.COMPLETE else "pruned"
+    best_text = f"; best {best.value:.4f} (trial {best.number}: {best.params})" if best else ""
+    console.print(f"[bold]trial {last.number}[/bold] {what}{best_text}; {len(done)}/{n_trials} done", highlight=False)
+
+
+def read_objective(run_dir: Path, spec: StudySpec) -> dict:
+    """The objective's value (and the reference models' values) from a finished trial's run directory."""
+    found: dict[str, Any] = {"teacher": None, "untrained": None, "stderr": None}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    found.update(train_seconds=metrics["cost"]["train_seconds"], peak_memory_bytes=metrics["cost"]["peak_memory_bytes"],
+                 trainable_params=metrics["cost"]["trainable_params"])
+    roles = {"student": "value", "teacher": "teacher", "untrained_student": "untrained"}
+    for path in sorted((run_dir / "evaluations").glob("*.json")):
+        for evaluation in json.loads(path.read_text())["evaluations"]:
+            for row in evaluation["rows"]:
+                if (row["task"], row["metric"]) == (spec.objective_task, spec.objective_metric):
+                    found[roles[evaluation["role"]]] = row["value"]
+                    if evaluation["role"] == "student":
+                        found["stderr"] = row.get("stderr")
+    if "value" not in found:
+        raise TrialFailed(f"run {run_dir.name} has no {spec.objective} score; was it evaluated on {spec.objective_task}?")
+    return found
+
+
+def run_study(
+    spec: StudySpec, n_trials: Optional[int], storage_url: Optional[str], workers: int, study_name: Optional[str],
+    runs_dir: Optional[str], command: str,
+) -> tuple[Any, str]:
+    """`neobench ablate`: prepare shared artefacts once, then run workers until N trials are finished."""
+    import subprocess
+
+    from neobench.train import prepare
+
+    base = spec.base_config()
+    runs_dir = runs_dir or base.runs_dir
+    base = dataclasses.replace(base, runs_dir=runs_dir)
+    storage_url = storage_url or default_storage(runs_dir)
+    study_name = study_name or spec.name
+    n_trials = n_trials or spec.trials
+    size = grid_size(spec)
+    if size is not None and n_trials > size:
+        console.print(f"the grid has {size} points; running {size} trials, not {n_trials}", highlight=False)
+        n_trials = size
+    # Dequantize/prune once and check the objective's task before any worker starts.
+    from neobench.evaluation import FIDELITY, EvalSpec
+    from neobench.methods import METHODS
+
+    eval_spec = EvalSpec.from_config(base)
+    ws = prepare(base, need_teacher=METHODS.get(base.method).uses_teacher or FIDELITY in eval_spec.tasks)
+    direction = objective_direction(spec, base, ws.student_path)
+    study, storage = create_study(spec, study_name, storage_url, direction, command)
+    before = counted(study)
+    console.print(
+        f"study [bold]{study_name}[/bold] ({spec.source}): {direction} {spec.objective}; {spec.sampler} sampler, "
+        f"{spec.pruner} pruner; {before} of {n_trials} trials already there; storage {storage_url}", highlight=False,
+    )
+    if workers <= 1:
+        work(spec, study_name, storage_url, n_trials, runs_dir)
+    else:
+        cmd = [sys.executable, "-m", "neobench.cli", "ablate", spec.source, "--worker", "--trials", str(n_trials),
+               "--storage", storage_url, "--study-name", study_name, "--runs-dir", runs_dir]
+        children = [subprocess.Popen(cmd) for _ in range(workers)]
+        try:
+            codes = [c.wait() for c in children]
+        except KeyboardInterrupt:
+            for c in children:
+                try:
+                    c.wait(timeout=90)  # each worker got the SIGINT too: let it re-queue its trial
+                except subprocess.TimeoutExpired:
+                    c.kill()
+            raise
+        if any(codes):
+            raise NeobenchError(f"worker(s) exited with {codes}; `neobench ablate {spec.name}` again continues the study")
+    return study, storage_url
+
+
+def trial_reporter(payload: dict):
+    """In a trial's `neobench run` process: report held-out NLL every few steps; stop if pruned.
+
+    The value is signed to the study's direction (NLL for a minimized objective, -NLL for a
+    maximized one), so the pruner compares it as it compares the objective. Only a trial's first
+    seed reports; its later seeds run to the end.
+    """
+    import optuna
+
+    from neobench.evaluation import encode_pairs, heldout_nll
+    from neobench.suite import heldout_pairs
+
+    spec = load_spec(payload["spec"])
+    if not payload.get("report") or spec.report_every == 0:
+        return None
+    study, _ = load_study(spec, payload["study"], payload["storage"])
+    trial = optuna.trial.Trial(study, payload["trial_id"])
+    sign = 1.0 if study.direction.name.lower() == "minimize" else -1.0
+    examples: list = []
+
+    def after_step(step: int, student, ws) -> None:
+        if step % spec.report_every:
+            return
+        if not examples:
+            cfg = spec.base_config()
+            examples.extend(encode_pairs(ws.tokenizer, heldout_pairs(cfg.eval_data, cfg.eval_split)[: spec.report_prompts]))
+        nll = heldout_nll(student, ws.tokenizer.pad_token_id, examples)
+        trial.report(sign * nll, step)
+        console.print(f"[dim]step {step}: held-out NLL {nll:.4f} on {len(examples)} prompts (reported)[/dim]", highlight=False)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (held-out NLL {nll:.4f})")
+
+    return after_step
+
+
+# --- tables and plots ----------------------------------------------------------------------------
+
+
+def export_trials(study) -> dict:
+    """The study and its trials as plain JSON (what the committed tables and plots are made from)."""
+    from optuna.distributions import distribution_to_json
+
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
+        trials.append({
+            "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
+            "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "user_attrs": {k: v for k, v in sorted(t.user_attrs.items()) if k != "worker"},
+            "retry_of": t.system_attrs.get("failed_trial"),
+            "duration_seconds": t.duration.total_seconds() if t.duration else None,
+        })
+    return {"study": study.study_name, "direction": study.direction.name.lower(),
+            "attrs": dict(sorted(study.user_attrs.items())), "trials": trials}
+
+
+def study_from_export(exported: dict):
+    """An in-memory Optuna study holding the exported trials (for importances and Optuna's plots)."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=exported["direction"], study_name=exported["study"])
+    for t in exported["trials"]:
+        state = TrialState[t["state"]]
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        study.add_trial(create_trial(
+            state=state, value=t["value"] if state == TrialState.COMPLETE else None, params=t["params"],
+            distributions={k: json_to_distribution(json.dumps(d)) for k, d in t["distributions"].items()},
+            intermediate_values={int(k): v for k, v in t["intermediate"].items()},
+        ))
+    return study
+
+
+def render(exported: dict, out_dir: Path) -> list[Path]:
+    """<study>.md (trials sorted by objective, best parameters, importances) and its PNG plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.trial import TrialState
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name, attrs = exported["study"], exported["attrs"]
+    study = study_from_export(exported)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    files: list[Path] = []
+    importances: dict[str, float] = {}
+    if len(complete) >= 2:
+        importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    plots = {"history": lambda: optuna.visualization.matplotlib.plot_optimization_history(study)}
+    if complete:
+        plots["slice"] = lambda: optuna.visualization.matplotlib.plot_slice(study)
+    if len({k for t in complete for k in t.params}) >= 2:
+        plots["contour"] = lambda: optuna.visualization.matplotlib.plot_contour(study)
+    if importances:
+        plots["importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(
+            study, evaluator=FanovaImportanceEvaluator(seed=0))
+    if any(t.intermediate_values for t in study.trials):
+        plots["intermediate"] = lambda: optuna.visualization.matplotlib.plot_intermediate_values(study)
+    images = []
+    for kind, draw in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+            axes = draw()
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        fig = first.figure
+        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.2)
+        fig.tight_layout()
+        path = out_dir / f"{name}_{kind}.png"
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        files.append(path)
+        images.append((kind, path.name))
+    md = out_dir / f"{name}.md"
+    md.write_text(_markdown(exported, importances, images))
+    files.insert(0, md)
+    return files
+
+
+def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[str, str]]) -> str:
+    attrs, direction = exported["attrs"], exported["direction"]
+    objective = attrs.get("objective", "objective")
+    better = "lower" if direction == "minimize" else "higher"
+    trials = exported["trials"]
+    params = list(dict.fromkeys(k for t in trials for k in t["params"]))
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    complete.sort(key=lambda t: t["value"], reverse=direction == "maximize")
+    others = [t for t in trials if t["state"] != "COMPLETE"]
+    lines = [
+        f"# Ablation `{exported['study']}` on {Path(attrs.get('preset', '?')).stem}",
+        "",
+        *([attrs["description"], ""] if attrs.get("description") else []),
+        f"Made by `{attrs.get('command', '?')}`; regenerated by `neobench report`. Generated file: do not edit.",
+        "",
+        f"- objective: `{objective}`, {better} is better (lm-eval's higher_is_better); the mean over "
+        f"{attrs.get('seeds', 1)} seed(s) per trial",
+        f"- search space: {'; '.join(attrs.get('space', []))}",
+        f"- sampler: {attrs.get('sampler')}; pruner: {attrs.get('pruner')}",
+        f"- per-trial budget: {', '.join(f'{k} {v}' for k, v in attrs.get('budget', {}).items()) or 'the preset'}; "
+        f"fixed: {', '.join(f'{k} {v}' for k, v in attrs.get('fixed', {}).items()) or 'nothing else'}",
+        f"- trials: {len(complete)} complete, {sum(t['state'] == 'PRUNED' for t in trials)} pruned, "
+        f"{sum(t['state'] == 'FAIL' for t in trials)} failed (re-queued)",
+        "",
+    ]
+    refs = next((t["user_attrs"] for t in complete if t["user_attrs"].get("teacher") is not None), None)
+    if refs:
+        lines += [f"References on `{objective}`: teacher {refs['teacher']:.4f}, untrained student {refs['untrained']:.4f}.", ""]
+    if complete:
+        best = complete[0]
+        lines += ["## Best", "", f"Trial {best['number']}: " + ", ".join(f"**{k} = {_fmt(v)}**" for k, v in best["params"].items())
+                  + f" -> {objective} {best['value']:.4f}" + (f" ± {best['user_attrs']['stderr']:.4f}" if best["user_attrs"].get("stderr") is not None else ""), ""]
+    header = ["#", "trial", *params, f"{objective} {'↓' if direction == 'minimize' else '↑'}", "± stderr", "train s", "peak GiB", "trainable", "run"]
+    lines += ["## Trials, best first", "", "| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
+    for rank, t in enumerate(complete + [t for t in others if t["state"] == "PRUNED"], 1):
+        ua = t["user_attrs"]
+        if t["state"] == "PRUNED":
+            last_step = max(t["intermediate"], key=int) if t["intermediate"] else "?"
+            value = f"pruned at step {last_step}"
+        else:
+            value = f"{t['value']:.4f}"
+        cells = [
+            str(rank) if t["state"] == "COMPLETE" else "–", str(t["number"]), *(_fmt(t["params"].get(p, "")) for p in params), value,
+            f"{ua['stderr']:.4f}" if ua.get("stderr") is not None else "–",
+            f"{ua['train_seconds']:.1f}" if ua.get("train_seconds") else "–",
+            f"{ua['peak_memory_bytes'] / 2**30:.2f}" if ua.get("peak_memory_bytes") else "–",
+            f"{ua['trainable_params'] / 1e6:.3g}M" if ua.get("trainable_params") else "–",
+            ", ".join(ua.get("run_ids", [])) or "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    failed = [t for t in others if t["state"] == "FAIL"]
+    if failed:
+        lines += [f"Failed and re-queued: trial(s) {', '.join(str(t['number']) for t in failed)}.", ""]
+    if importances:
+        lines += ["## Parameter importances (fANOVA)", "", "| parameter | importance |", "|:--|--:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+        lines.append("")
+    if images:
+        lines += ["## Plots", ""] + [f"![{kind}]({file})" for kind, file in images] + [""]
+    return "\n".join(lines)
+
+
+def write_export(exported: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(exported, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None) -> list[Path]:
+    """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    written = []
+    for summary in optuna.get_all_study_summaries(storage=storage_url):
+        if only and summary.study_name != only:
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage_url)
+        preset = study.user_attrs.get("preset")
+        if not preset:
+            continue  # not made by neobench ablate
+        path = leaderboards / Path(preset).stem / "ablations" / f"{summary.study_name}.trials.json"
+        write_export(export_trials(study), path)
+        written.append(path)
+    return written
+
+
+def render_all(leaderboards: Path, preset: Optional[str] = None) -> list[Path]:
+    files = []
+    for path in sorted(leaderboards.glob("*/ablations/*.trials.json")):
+        if preset and path.parent.parent.name != preset:
+            continue
+        files += render(json.loads(path.read_text()), path.parent)
+    return files
