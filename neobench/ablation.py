@@ -5,7 +5,7 @@
                     run K workers until N trials are finished
     work            one worker: ask a trial, train + evaluate it in a child `neobench run`, tell the value
     TrialReporter   in that child: held-out NLL every few steps -> trial.report -> the pruner may stop it
-    export/render   the study's trials -> <study>.trials.json -> <study>.md and PNG plots
+    (neobench.ablation_report turns a finished study into <study>.md and PNG plots)
 
 Every trial is an ordinary run directory whose config carries ``study`` and ``trial``, so
 `neobench report` collects it (the main tables leave trials out and point here).
@@ -86,8 +86,8 @@ class Param:
     def describe(self) -> str:
         if self.kind == "categorical":
             return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
-        text = f"{self.name} in [{_fmt(self.low)}, {_fmt(self.high)}]" + (" (log)" if self.log else "")
-        return text + (f", grid {', '.join(_fmt(g) for g in self.grid)}" if self.grid else "")
+        text = f"{self.name} in [{fmt(self.low)}, {fmt(self.high)}]" + (" (log)" if self.log else "")
+        return text + (f", grid {', '.join(fmt(g) for g in self.grid)}" if self.grid else "")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class StudySpec:
         }
 
 
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
@@ -304,9 +304,9 @@ def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
         _checked(base, name, values[k], f"{field}.{k}", bad)
     low, high, log = values["low"], values["high"], bool(raw.get("log", False))
     if not low < high:
-        raise bad(f"{field}.high", f"must be above low ({_fmt(low)}), got {_fmt(high)}")
+        raise bad(f"{field}.high", f"must be above low ({fmt(low)}), got {fmt(high)}")
     if log and low <= 0:
-        raise bad(f"{field}.low", f"must be positive on a log scale, got {_fmt(low)}")
+        raise bad(f"{field}.low", f"must be positive on a log scale, got {fmt(low)}")
     step = raw.get("step")
     if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
         raise bad(f"{field}.step", "must be a positive number, and cannot be combined with log")
@@ -316,7 +316,7 @@ def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
     points = []
     for g in grid:
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not low <= g <= high or (number is int and not float(g).is_integer()):
-            raise bad(f"{field}.grid", f"has {g!r}, which is not a{'n integer' if number is int else ' number'} in [{_fmt(low)}, {_fmt(high)}]")
+            raise bad(f"{field}.grid", f"has {g!r}, which is not a{'n integer' if number is int else ' number'} in [{fmt(low)}, {fmt(high)}]")
         points.append(number(g))
     return Param(name, raw["type"], low=low, high=high, log=log, step=step, grid=tuple(points))
 
@@ -332,22 +332,24 @@ def _checked(base: RunConfig, name: str, value: Any, field: str, bad) -> None:
 # --- samplers, pruners, storage ------------------------------------------------------------
 
 
-def _grid(spec: StudySpec):
+# Each sampler takes the spec and a seed: the spec's seed for the first worker, another for each
+# further worker, which would otherwise propose exactly what the first one does.
+def _grid(spec: StudySpec, seed: int):
     import optuna
 
-    return optuna.samplers.GridSampler({p.name: p.grid_points() for p in spec.space}, seed=spec.seed)
+    return optuna.samplers.GridSampler({p.name: p.grid_points() for p in spec.space}, seed=seed)
 
 
-def _tpe(spec: StudySpec):
+def _tpe(spec: StudySpec, seed: int):
     import optuna
 
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, spec.trials))
 
 
-def _random(spec: StudySpec):
+def _random(spec: StudySpec, seed: int):
     import optuna
 
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 SAMPLERS: Registry = Registry("sampler")
@@ -481,12 +483,9 @@ def requeue(study, trial_number: int) -> None:
 
 def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: str, command: str):
     """Create the study, or load it to continue; refuse to continue one made from another spec."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
     study = optuna.create_study(
-        study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec),
+        study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec, spec.seed),
         pruner=PRUNERS.get(spec.pruner)(spec), direction=direction, load_if_exists=True,
     )
     stored = study.user_attrs.get("fingerprint")
@@ -507,12 +506,12 @@ def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: 
     return study, storage
 
 
-def load_study(spec: StudySpec, study_name: str, storage_url: str):
+def load_study(spec: StudySpec, study_name: str, storage_url: str, worker_index: int = 0):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec),
+    sampler = SAMPLERS.get(spec.sampler)(spec, spec.seed + 1000 * worker_index)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
                               pruner=PRUNERS.get(spec.pruner)(spec))
     return study, storage
 
@@ -521,12 +520,12 @@ def grid_size(spec: StudySpec) -> Optional[int]:
     return math.prod(len(p.grid_points()) for p in spec.space) if spec.sampler == "grid" else None
 
 
-def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs_dir: str) -> None:
+def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs_dir: str, worker_index: int = 0) -> None:
     """One worker: run trials until the study holds ``n_trials`` finished ones."""
     from neobench.experiment import run_in_child, run_label
     from neobench.runs import new_run_id
 
-    study, storage = load_study(spec, study_name, storage_url)
+    study, storage = load_study(spec, study_name, storage_url, worker_index)
     base = dataclasses.replace(spec.base_config(), runs_dir=runs_dir)
     me = f"{socket.gethostname()}:{os.getpid()}"
     current: dict[str, Any] = {}
@@ -540,7 +539,7 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
             trial.set_user_attr("surplus", True)
             raise SurplusTrial()
         params = {p.name: p.suggest(trial) for p in spec.space}
-        console.rule(f"[bold]{study_name} trial {trial.number}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}")
+        console.rule(f"[bold]{study_name} trial {trial.number}: {', '.join(f'{k}={fmt(v)}' for k, v in params.items())}")
         run_ids, values, stderrs = [], [], []
         for offset in range(spec.seeds):
             cfg = validate(dataclasses.replace(
@@ -672,9 +671,9 @@ def run_study(
     if workers <= 1:
         work(spec, study_name, storage_url, n_trials, runs_dir)
     else:
-        cmd = [sys.executable, "-m", "neobench.cli", "ablate", spec.source, "--worker", "--trials", str(n_trials),
+        cmd = [sys.executable, "-m", "neobench.cli", "ablate", spec.source, "--trials", str(n_trials),
                "--storage", storage_url, "--study-name", study_name, "--runs-dir", runs_dir]
-        children = [subprocess.Popen(cmd) for _ in range(workers)]
+        children = [subprocess.Popen([*cmd, "--worker", str(i + 1)]) for i in range(workers)]
         try:
             codes = [c.wait() for c in children]
         except KeyboardInterrupt:
@@ -722,190 +721,3 @@ def trial_reporter(payload: dict):
             raise optuna.TrialPruned(f"pruned at step {step} (held-out NLL {nll:.4f})")
 
     return after_step
-
-
-# --- tables and plots ----------------------------------------------------------------------------
-
-
-def export_trials(study) -> dict:
-    """The study and its trials as plain JSON (what the committed tables and plots are made from)."""
-    from optuna.distributions import distribution_to_json
-
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue
-        trials.append({
-            "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-            "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
-            "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-            "user_attrs": {k: v for k, v in sorted(t.user_attrs.items()) if k != "worker"},
-            "retry_of": t.system_attrs.get("failed_trial"),
-            "duration_seconds": t.duration.total_seconds() if t.duration else None,
-        })
-    return {"study": study.study_name, "direction": study.direction.name.lower(),
-            "attrs": dict(sorted(study.user_attrs.items())), "trials": trials}
-
-
-def study_from_export(exported: dict):
-    """An in-memory Optuna study holding the exported trials (for importances and Optuna's plots)."""
-    import optuna
-    from optuna.distributions import json_to_distribution
-    from optuna.trial import TrialState, create_trial
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=exported["direction"], study_name=exported["study"])
-    for t in exported["trials"]:
-        state = TrialState[t["state"]]
-        if state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            continue
-        study.add_trial(create_trial(
-            state=state, value=t["value"] if state == TrialState.COMPLETE else None, params=t["params"],
-            distributions={k: json_to_distribution(json.dumps(d)) for k, d in t["distributions"].items()},
-            intermediate_values={int(k): v for k, v in t["intermediate"].items()},
-        ))
-    return study
-
-
-def render(exported: dict, out_dir: Path) -> list[Path]:
-    """<study>.md (trials sorted by objective, best parameters, importances) and its PNG plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator
-    from optuna.trial import TrialState
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name, attrs = exported["study"], exported["attrs"]
-    study = study_from_export(exported)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    files: list[Path] = []
-    importances: dict[str, float] = {}
-    if len(complete) >= 2:
-        importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
-    plots = {"history": lambda: optuna.visualization.matplotlib.plot_optimization_history(study)}
-    if complete:
-        plots["slice"] = lambda: optuna.visualization.matplotlib.plot_slice(study)
-    if len({k for t in complete for k in t.params}) >= 2:
-        plots["contour"] = lambda: optuna.visualization.matplotlib.plot_contour(study)
-    if importances:
-        plots["importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=0))
-    if any(t.intermediate_values for t in study.trials):
-        plots["intermediate"] = lambda: optuna.visualization.matplotlib.plot_intermediate_values(study)
-    images = []
-    for kind, draw in plots.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-            axes = draw()
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        fig = first.figure
-        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.2)
-        fig.tight_layout()
-        path = out_dir / f"{name}_{kind}.png"
-        fig.savefig(path, dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        files.append(path)
-        images.append((kind, path.name))
-    md = out_dir / f"{name}.md"
-    md.write_text(_markdown(exported, importances, images))
-    files.insert(0, md)
-    return files
-
-
-def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[str, str]]) -> str:
-    attrs, direction = exported["attrs"], exported["direction"]
-    objective = attrs.get("objective", "objective")
-    better = "lower" if direction == "minimize" else "higher"
-    trials = exported["trials"]
-    params = list(dict.fromkeys(k for t in trials for k in t["params"]))
-    complete = [t for t in trials if t["state"] == "COMPLETE"]
-    complete.sort(key=lambda t: t["value"], reverse=direction == "maximize")
-    others = [t for t in trials if t["state"] != "COMPLETE"]
-    lines = [
-        f"# Ablation `{exported['study']}` on {Path(attrs.get('preset', '?')).stem}",
-        "",
-        *([attrs["description"], ""] if attrs.get("description") else []),
-        f"Made by `{attrs.get('command', '?')}`; regenerated by `neobench report`. Generated file: do not edit.",
-        "",
-        f"- objective: `{objective}`, {better} is better (lm-eval's higher_is_better); the mean over "
-        f"{attrs.get('seeds', 1)} seed(s) per trial",
-        f"- search space: {'; '.join(attrs.get('space', []))}",
-        f"- sampler: {attrs.get('sampler')}; pruner: {attrs.get('pruner')}",
-        f"- per-trial budget: {', '.join(f'{k} {v}' for k, v in attrs.get('budget', {}).items()) or 'the preset'}; "
-        f"fixed: {', '.join(f'{k} {v}' for k, v in attrs.get('fixed', {}).items()) or 'nothing else'}",
-        f"- trials: {len(complete)} complete, {sum(t['state'] == 'PRUNED' for t in trials)} pruned, "
-        f"{sum(t['state'] == 'FAIL' for t in trials)} failed (re-queued)",
-        "",
-    ]
-    refs = next((t["user_attrs"] for t in complete if t["user_attrs"].get("teacher") is not None), None)
-    if refs:
-        lines += [f"References on `{objective}`: teacher {refs['teacher']:.4f}, untrained student {refs['untrained']:.4f}.", ""]
-    if complete:
-        best = complete[0]
-        lines += ["## Best", "", f"Trial {best['number']}: " + ", ".join(f"**{k} = {_fmt(v)}**" for k, v in best["params"].items())
-                  + f" -> {objective} {best['value']:.4f}" + (f" ± {best['user_attrs']['stderr']:.4f}" if best["user_attrs"].get("stderr") is not None else ""), ""]
-    header = ["#", "trial", *params, f"{objective} {'↓' if direction == 'minimize' else '↑'}", "± stderr", "train s", "peak GiB", "trainable", "run"]
-    lines += ["## Trials, best first", "", "| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
-    for rank, t in enumerate(complete + [t for t in others if t["state"] == "PRUNED"], 1):
-        ua = t["user_attrs"]
-        if t["state"] == "PRUNED":
-            last_step = max(t["intermediate"], key=int) if t["intermediate"] else "?"
-            value = f"pruned at step {last_step}"
-        else:
-            value = f"{t['value']:.4f}"
-        cells = [
-            str(rank) if t["state"] == "COMPLETE" else "–", str(t["number"]), *(_fmt(t["params"].get(p, "")) for p in params), value,
-            f"{ua['stderr']:.4f}" if ua.get("stderr") is not None else "–",
-            f"{ua['train_seconds']:.1f}" if ua.get("train_seconds") else "–",
-            f"{ua['peak_memory_bytes'] / 2**30:.2f}" if ua.get("peak_memory_bytes") else "–",
-            f"{ua['trainable_params'] / 1e6:.3g}M" if ua.get("trainable_params") else "–",
-            ", ".join(ua.get("run_ids", [])) or "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    failed = [t for t in others if t["state"] == "FAIL"]
-    if failed:
-        lines += [f"Failed and re-queued: trial(s) {', '.join(str(t['number']) for t in failed)}.", ""]
-    if importances:
-        lines += ["## Parameter importances (fANOVA)", "", "| parameter | importance |", "|:--|--:|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
-        lines.append("")
-    if images:
-        lines += ["## Plots", ""] + [f"![{kind}]({file})" for kind, file in images] + [""]
-    return "\n".join(lines)
-
-
-def write_export(exported: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(exported, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None) -> list[Path]:
-    """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    written = []
-    for summary in optuna.get_all_study_summaries(storage=storage_url):
-        if only and summary.study_name != only:
-            continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage_url)
-        preset = study.user_attrs.get("preset")
-        if not preset:
-            continue  # not made by neobench ablate
-        path = leaderboards / Path(preset).stem / "ablations" / f"{summary.study_name}.trials.json"
-        write_export(export_trials(study), path)
-        written.append(path)
-    return written
-
-
-def render_all(leaderboards: Path, preset: Optional[str] = None) -> list[Path]:
-    files = []
-    for path in sorted(leaderboards.glob("*/ablations/*.trials.json")):
-        if preset and path.parent.parent.name != preset:
-            continue
-        files += render(json.loads(path.read_text()), path.parent)
-    return files

@@ -197,7 +197,7 @@ def ablate(
     runs_dir: Optional[str] = typer.Option(None, help="Where trial runs are written (default: the preset's, runs)."),
     report_: bool = typer.Option(True, "--report/--no-report", help="Write leaderboards/<preset>/ablations/<study>.md and plots when done."),
     out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory for --report."),
-    worker: bool = typer.Option(False, "--worker", hidden=True),
+    worker: int = typer.Option(0, "--worker", hidden=True, help="Set by --workers: this worker's number (1, 2, ...)."),
 ):
     """Run an Optuna study: every trial is a `neobench run` with the study's parameters.
 
@@ -214,12 +214,13 @@ def ablate(
     """
     import shlex
 
-    from neobench.ablation import export_studies, load_spec, render, run_study, work
+    from neobench.ablation import load_spec, run_study, work
+    from neobench.ablation_report import export_studies, render
     from neobench.config import RunConfig
 
     spec = load_spec(study)
     if worker:
-        work(spec, study_name or spec.name, storage, trials or spec.trials, runs_dir or RunConfig.runs_dir)
+        work(spec, study_name or spec.name, storage, trials or spec.trials, runs_dir or RunConfig.runs_dir, worker)
         return
     command = "neobench ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     try:
@@ -274,11 +275,17 @@ def report(
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if not presets:
         raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
-    from neobench.ablation import STORAGE_FILE, export_studies, render_all
+    from neobench.ablation import STORAGE_FILE
+    from neobench.ablation_report import export_studies, render_all
     from neobench.report import render
 
     for name in presets:
-        result = render(read_rows(out / name / "results.jsonl"), name, out / name, formats)
+        rows = read_rows(out / name / "results.jsonl")
+        students = rows[rows["model"] == "student"]
+        if len(students) and students["study"].notna().all():
+            console.print(f"[bold]{name}[/bold]: only ablation trials, no leaderboard tables", highlight=False)
+            continue
+        result = render(rows, name, out / name, formats)
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
         for run_id, reason in sorted(result.left_out):
             console.print(f"  left out {run_id}: {reason}", highlight=False)
@@ -286,7 +293,8 @@ def report(
         export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out)
     ablation_files = render_all(out, preset)
     if ablation_files:
-        console.print(f"ablations: {sum(f.suffix == '.md' for f in ablation_files)} studies, {len(ablation_files)} files", highlight=False)
+        n = sum(f.suffix == ".md" for f in ablation_files)
+        console.print(f"ablations: {n} {'study' if n == 1 else 'studies'}, {len(ablation_files)} files in {out}/<preset>/ablations/", highlight=False)
 
 
 @app.command("list")

@@ -1,0 +1,264 @@
+"""`neobench ablate`: study files, trials as runs, workers sharing one storage, resuming, tables."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neobench.ablation import PRUNERS, SAMPLERS, load_spec, parse_spec, study_files
+from neobench.errors import NeobenchError
+
+
+def neobench(*args, cwd=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "neobench.cli", *args], capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+@pytest.fixture
+def tiny_preset(tiny, tmp_path) -> Path:
+    """A preset on the tiny models whose trials take a few seconds and score neo_heldout_nll."""
+    preset = {
+        "preset": "tiny", "teacher": str(tiny["teacher"]), "student": str(tiny["student"]), "train_data": str(tiny["data"]),
+        "seq_len": 64, "batch_size": 4, "max_steps": 4, "lr": 1e-3, "rank": 4, "runs_dir": str(tmp_path / "runs"),
+        "eval_tasks": "neo_heldout_nll", "eval_data": str(tiny["data"]), "eval_split": "train", "eval_limit": 6,
+        "eval_batch_size": 4,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def write_study(tmp_path: Path, name: str, preset: Path, **changes) -> Path:
+    study = {
+        "preset": str(preset), "objective": "neo_heldout_nll/nll", "sampler": "grid", "trials": 3,
+        "fixed": {"method": "neo"}, "space": {"rank": {"type": "int", "low": 2, "high": 16, "log": True, "grid": [2, 4, 8]}},
+        "pruner": "none", "intermediate": {"every": 2, "prompts": 4}, **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def trials_in(storage: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{storage}").get_trials(deepcopy=False)
+
+
+def run_configs(runs: Path) -> list[dict]:
+    return [yaml.safe_load((r / "config.yaml").read_text()) for r in sorted(runs.iterdir()) if (r / "metrics.json").is_file()]
+
+
+# --- study files ---------------------------------------------------------------------------------
+
+
+def test_every_shipped_study_parses_and_builds_its_sampler_and_pruner():
+    names = list(study_files())
+    assert {"rank", "kd_ratio", "lr", "variant", "temperature", "neo-hparams"} <= set(names)
+    for name in names:
+        spec = load_spec(name)
+        assert spec.objective == "neo_heldout_nll/nll"
+        SAMPLERS.get(spec.sampler)(spec, 0)
+        PRUNERS.get(spec.pruner)(spec)
+    assert load_spec("rank").space[0].grid_points() == [8, 16, 32, 48, 64, 96, 128, 256]
+
+
+def test_every_sampler_and_pruner_entry_is_usable(tiny_preset, tmp_path):
+    import optuna
+
+    for sampler in SAMPLERS:
+        for pruner in PRUNERS:
+            spec = parse_spec(
+                yaml.safe_load(write_study(tmp_path, "s", tiny_preset, sampler=sampler, pruner=pruner).read_text()), "s", "s.yaml"
+            )
+            study = optuna.create_study(sampler=SAMPLERS.get(sampler)(spec, 0), pruner=PRUNERS.get(pruner)(spec))
+            study.optimize(lambda t: float(spec.space[0].suggest(t)), n_trials=3)
+            assert len(study.trials) == 3 and {t.params["rank"] for t in study.trials} <= set(range(2, 17))
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"space": {"ranks": {"type": "int", "low": 2, "high": 8}}}, "space.ranks"),
+        ({"space": {"rank": {"type": "int", "low": 16, "high": 2, "grid": [2]}}}, "space.rank.high"),
+        ({"space": {"kd_ratio": {"type": "float", "low": 0.0, "high": 1.5, "grid": [0.5]}}}, "space.kd_ratio.high"),
+        ({"space": {"rank": {"type": "int", "low": 2, "high": 8, "grid": [2, 32]}}}, "space.rank.grid"),
+        ({"space": {"rank": {"type": "int", "low": 2, "high": 8}}}, "space.rank.grid"),  # grid sampler, no points
+        ({"space": {"lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}, "sampler": "tpe"}, "space.lr.low"),
+        ({"space": {"rank": {"type": "integer", "low": 2, "high": 8}}}, "space.rank.type"),
+        ({"objective": "neo_heldout_nll/accuracy"}, "objective"),
+        ({"objective": "neo_heldout_match/acc"}, "objective"),  # not among the trials' eval_tasks
+        ({"sampler": "cmaes"}, "sampler"),
+        ({"pruner": "hyperband"}, "pruner"),
+        ({"budget": {"lr": 0.1}}, "budget.lr"),
+        ({"fixed": {"methods": "neo"}}, "fixed.methods"),
+        ({"trial": 3}, "trial"),
+    ],
+)
+def test_a_malformed_study_file_fails_in_one_line_naming_the_field(tiny_preset, tmp_path, changes, field):
+    path = write_study(tmp_path, "bad", tiny_preset, **changes)
+    with pytest.raises(NeobenchError, match=f"field '{field}'") as err:
+        load_spec(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_the_cli_reports_a_malformed_study_in_one_line_and_starts_nothing(tiny_preset, tmp_path):
+    cases = {
+        "space.ranks": {"space": {"ranks": {"type": "int", "low": 2, "high": 8}}},
+        "space.rank.high": {"space": {"rank": {"type": "int", "low": 16, "high": 2, "grid": [2]}}},
+        "objective": {"objective": "neo_heldout_nll/accuracy"},
+    }
+    for field, changes in cases.items():
+        path = write_study(tmp_path, "bad", tiny_preset, **changes)
+        result = neobench("ablate", str(path), "--runs-dir", str(tmp_path / "runs"))
+        assert result.returncode == 2
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and f"'{field}'" in lines[0], result.stderr[-2000:]
+        assert not (tmp_path / "runs").exists(), "a bad study file must not start anything"
+
+
+def test_an_unknown_study_name_lists_the_valid_ones():
+    result = neobench("ablate", "ranks")
+    assert result.returncode == 2
+    assert "unknown study 'ranks'" in result.stderr and "kd_ratio" in result.stderr
+
+
+# --- running studies -----------------------------------------------------------------------------
+
+
+def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, tmp_path):
+    study = write_study(tmp_path, "tinyrank", tiny_preset)
+    runs, out = tmp_path / "runs", tmp_path / "leaderboards"
+    result = neobench("ablate", str(study), "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    trials = trials_in(runs / "ablations.db", "tinyrank")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert sorted(t.params["rank"] for t in trials) == [2, 4, 8]
+    assert all(len(t.intermediate_values) == 2 for t in trials), "held-out NLL reported at steps 2 and 4"
+    configs = run_configs(runs)
+    assert sorted((c["study"], c["trial"], c["rank"]) for c in configs) == sorted(("tinyrank", t.number, t.params["rank"]) for t in trials)
+    for t in trials:  # the objective is the trial's stored lm-eval score
+        run_dir = runs / t.user_attrs["run_ids"][0]
+        rows = json.loads(next((run_dir / "evaluations").glob("*.json")).read_text())["evaluations"][0]["rows"]
+        assert t.value == next(r["value"] for r in rows if r["metric"] == "nll")
+
+    folder = out / "tiny" / "ablations"
+    md = (folder / "tinyrank.md").read_text()
+    assert "Trials, best first" in md and "Parameter importances" in md
+    best = min(trials, key=lambda t: t.value)
+    assert f"Trial {best.number}: **rank = {best.params['rank']}**" in md
+    table = [l for l in md.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert len(table) == 3 and [float(l.split(" | ")[3]) for l in table] == sorted(round(t.value, 4) for t in trials)
+    for kind in ("history", "slice", "importances", "intermediate"):
+        assert (folder / f"tinyrank_{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `neobench report` collects the trials as runs (left out of the main tables) and rebuilds the
+    # ablation files from the stored trials alone, byte for byte.
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = neobench("report", "--runs", str(runs), "--out", str(out), "--format", "md")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "tiny: only ablation trials" in result.stderr and "ablations: 1 study" in result.stderr
+    collected = [json.loads(l) for l in (out / "tiny" / "results.jsonl").read_text().splitlines()]
+    assert {(r["study"], r["trial"]) for r in collected if r["model"] == "student"} == {("tinyrank", t.number) for t in trials}
+    (runs / "ablations.db").rename(tmp_path / "elsewhere.db")
+    result = neobench("report", "--runs", str(tmp_path / "nothing"), "--out", str(out), "--format", "md")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    # Asking again for the same number of trials finds the study done: nothing more is trained.
+    (tmp_path / "elsewhere.db").rename(runs / "ablations.db")
+    result = neobench("ablate", str(study), "--no-report")
+    assert result.returncode == 0 and "3 of 3 trials already there" in " ".join(result.stderr.split())
+    assert len(run_configs(runs)) == 3
+
+
+def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_path):
+    study = write_study(
+        tmp_path, "pair", tiny_preset, sampler="random", trials=4,
+        space={"kd_ratio": {"type": "float", "low": 0.0, "high": 1.0}},
+    )
+    runs = tmp_path / "runs"
+    result = neobench("ablate", str(study), "--workers", "2", "--no-report")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = trials_in(runs / "ablations.db", "pair")
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    assert all(t.state.name == "COMPLETE" or t.user_attrs.get("surplus") for t in trials), "none lost, none left running"
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert len(workers) == 2, "both workers took trials"
+    configs = run_configs(runs)
+    assert sorted(c["trial"] for c in configs) == sorted(t.number for t in complete), "one run per trial, none duplicated"
+    assert len({c["kd_ratio"] for c in configs}) == 4
+
+
+def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path):
+    study = write_study(tmp_path, "resume", tiny_preset, intermediate={"every": 1, "prompts": 4}, budget={"max_steps": 12})
+    runs = tmp_path / "runs"
+    storage = runs / "ablations.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neobench.cli", "ablate", str(study), "--no-report"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    killed_params = None
+    deadline = time.time() + 240
+    while time.time() < deadline and killed_params is None:
+        time.sleep(0.5)
+        if not storage.is_file():
+            continue
+        try:
+            trials = trials_in(storage, "resume")
+        except Exception:  # the study is not created yet
+            continue
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        running = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
+        if done and running:  # the second trial is training: kill worker and trial, as a lost machine would
+            killed_params = running[0].params
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_params is not None, "the study never reached its second trial"
+    assert [t.state.name for t in trials_in(storage, "resume")].count("RUNNING") == 1
+
+    result = neobench("ablate", str(study), "--no-report")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "re-queued trial" in result.stderr
+    trials = trials_in(storage, "resume")
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
+    retried = next(t for t in trials if t.system_attrs.get("failed_trial") is not None)
+    assert retried.state.name == "COMPLETE" and retried.params == killed_params
+    assert sorted(t.params["rank"] for t in trials if t.state.name == "COMPLETE") == [2, 4, 8]
+    assert len(run_configs(runs)) == 3, "the killed trial left no run behind; its retry did"
+
+
+def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tiny_cfg, tmp_path):
+    """The trial process reports held-out NLL to the storage, and stops when the pruner says so."""
+    import dataclasses
+
+    import optuna
+
+    from neobench.ablation import create_study, trial_reporter
+    from neobench.train import build_student, prepare
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump(dataclasses.replace(tiny_cfg, eval_tasks="neo_heldout_nll").to_dict()))
+    path = write_study(tmp_path, "prune", preset, sampler="random", pruner={"type": "median", "startup_trials": 1, "warmup_steps": 0})
+    spec = load_spec(str(path))
+    storage = f"sqlite:///{tmp_path / 'prune.db'}"
+    study, _ = create_study(spec, "prune", storage, "minimize", "test")
+    dist = optuna.distributions.IntDistribution(2, 16, log=True)
+    study.add_trial(optuna.trial.create_trial(value=0.0, params={"rank": 4}, distributions={"rank": dist}, intermediate_values={2: 0.0}))
+    trial = study.ask()
+    ws = prepare(tiny_cfg, need_teacher=False)
+    student = build_student(tiny_cfg, ws)
+    after_step = trial_reporter({"storage": storage, "study": "prune", "spec": str(path), "trial_id": trial._trial_id, "report": True})
+    after_step(1, student, ws)  # not a reporting step (every 2)
+    with pytest.raises(optuna.TrialPruned):
+        after_step(2, student, ws)  # a random student's NLL (~5.7) trails the completed trial's 0.0
+    reported = study.get_trials(deepcopy=False)[-1].intermediate_values
+    assert list(reported) == [2] and 3 < reported[2] < 10
