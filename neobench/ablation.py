@@ -483,6 +483,8 @@ def requeue(study, trial_number: int) -> None:
 
 def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: str, command: str):
     """Create the study, or load it to continue; refuse to continue one made from another spec."""
+    import optuna
+
     storage = open_storage(storage_url)
     study = optuna.create_study(
         study_name=study_name, storage=storage, sampler=SAMPLERS.get(spec.sampler)(spec, spec.seed),

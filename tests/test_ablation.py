@@ -236,6 +236,7 @@ def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, t
     assert len(run_configs(runs)) == 3, "the killed trial left no run behind; its retry did"
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tiny_cfg, tmp_path):
     """The trial process reports held-out NLL to the storage, and stops when the pruner says so."""
     import dataclasses
