@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test bench leaderboard report clean
+.PHONY: setup demo test bench leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,6 +44,13 @@ leaderboard: $(STAMP)
 	$(VENV)/bin/neobench run --method minillm --runs-dir $(LEADERBOARD_RUNS)
 	$(VENV)/bin/neobench run --method neo --loss jsd --teacher-cache topk:64 --runs-dir $(LEADERBOARD_RUNS)
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS)
+
+# The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
+# (8 trials each, about 30 minutes per study on 2 CPU cores). Trials go to runs/, the studies
+# to runs/ablations.db; running it again continues (finished trials are not redone).
+ablations: $(STAMP)
+	$(VENV)/bin/neobench ablate rank --trials 8
+	$(VENV)/bin/neobench ablate kd_ratio --trials 8
 
 report: $(STAMP)
 	$(VENV)/bin/neobench report
