@@ -408,7 +408,12 @@ def open_storage(url: str):
                 failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
             )
         except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
-            raise NeobenchError(f"cannot open study storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            hint = ""
+            if isinstance(err, ImportError):
+                hint = "; PostgreSQL needs `pip install psycopg2-binary`, MySQL `pip install pymysql`"
+            elif "parse" in str(err):
+                hint = "; give an Optuna storage URL such as sqlite:///path/study.db or postgresql://user@host/db"
+            raise NeobenchError(f"cannot open study storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}{hint}") from None
 
 
 def objective_direction(spec: StudySpec, cfg: RunConfig, student_path: str) -> str:
@@ -653,6 +658,7 @@ def run_study(
     storage_url = storage_url or default_storage(runs_dir)
     study_name = study_name or spec.name
     n_trials = n_trials or spec.trials
+    open_storage(storage_url)  # a bad URL fails now, not after the models are prepared
     size = grid_size(spec)
     if size is not None and n_trials > size:
         console.print(f"the grid has {size} points; running {size} trials, not {n_trials}", highlight=False)

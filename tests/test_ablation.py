@@ -263,3 +263,16 @@ def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tin
         after_step(2, student, ws)  # a random student's NLL (~5.7) trails the completed trial's 0.0
     reported = study.get_trials(deepcopy=False)[-1].intermediate_values
     assert list(reported) == [2] and 3 < reported[2] < 10
+
+
+def test_committed_ablations_regenerate_byte_for_byte(tmp_path):
+    from neobench.ablation_report import render
+
+    repo = Path(__file__).resolve().parent.parent
+    exports = sorted((repo / "leaderboards").glob("*/ablations/*.trials.json"))
+    if not exports:
+        pytest.skip("no committed ablation yet")
+    for export in exports:
+        out = tmp_path / export.parent.parent.name
+        for path in render(json.loads(export.read_text()), out):
+            assert path.read_bytes() == (export.parent / path.name).read_bytes(), f"{export.parent}/{path.name} differs"
