@@ -277,7 +277,7 @@ def report(
         raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
     from neobench.ablation import STORAGE_FILE
     from neobench.ablation_report import export_studies, render_all
-    from neobench.report import render
+    from neobench.report import left_out_lines, render
 
     for name in presets:
         rows = read_rows(out / name / "results.jsonl")
@@ -287,8 +287,8 @@ def report(
             continue
         result = render(rows, name, out / name, formats)
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
-        for run_id, reason in sorted(result.left_out):
-            console.print(f"  left out {run_id}: {reason}", highlight=False)
+        for line in left_out_lines(result.left_out):
+            console.print(f"  left out {line.replace('`', '')}", highlight=False)
     if (runs / STORAGE_FILE).is_file():  # studies run with the default storage beside these runs
         export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out)
     ablation_files = render_all(out, preset)

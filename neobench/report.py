@@ -503,5 +503,20 @@ def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> st
     parts.append("![scores](scores.png)\n\n![gap closed vs peak memory](score_vs_memory.png) ![gap closed vs time](score_vs_time.png)\n")
     if sel.left_out:
         parts.append("## Left out\n")
-        parts.append("".join(f"- `{run_id}`: {reason}\n" for run_id, reason in sorted(sel.left_out)))
+        parts.append("".join(f"- {line}\n" for line in left_out_lines(sel.left_out)))
     return "\n".join(parts)
+
+
+def left_out_lines(left_out: list[tuple[str, str]]) -> list[str]:
+    """One line per run left out, but one per study for ablation trials (a study has many)."""
+    trials: dict[str, int] = {}
+    lines = []
+    for run_id, reason in sorted(left_out):
+        if reason.startswith("ablation trial ("):
+            study = reason.removeprefix("ablation trial (").split(" #")[0]
+            trials[study] = trials.get(study, 0) + 1
+        else:
+            lines.append(f"`{run_id}`: {reason}")
+    lines += [f"{n} trial run(s) of the ablation `{study}`: see [ablations/{study}.md](ablations/{study}.md)"
+              for study, n in sorted(trials.items())]
+    return lines
