@@ -587,8 +587,11 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
         except SurplusTrial:
             return
         except TrialFailed as err:
+            # Its run process died (killed, out of memory): queue the same parameters again (up to
+            # 3 times); a setting that fails every time stops the worker after 3 failures in a row.
             failures += 1
-            console.print(f"[red]{err}[/red]", highlight=False)
+            requeue(study, current["number"])
+            console.print(f"[red]{err}; queued again[/red]", highlight=False)
             if failures >= MAX_FAILURES_IN_A_ROW:
                 raise NeobenchError(f"{failures} trials in a row failed; the last: {err}") from None
             continue
