@@ -287,8 +287,8 @@ def report(
             continue
         result = render(rows, name, out / name, formats)
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
-        for line in left_out_lines(result.left_out):
-            console.print(f"  left out {line.replace('`', '')}", highlight=False)
+        for line in left_out_lines(result.left_out, markdown=False):
+            console.print(f"  left out {line}", highlight=False, markup=False)
     if (runs / STORAGE_FILE).is_file():  # studies run with the default storage beside these runs
         export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out)
     ablation_files = render_all(out, preset)

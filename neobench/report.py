@@ -507,7 +507,7 @@ def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> st
     return "\n".join(parts)
 
 
-def left_out_lines(left_out: list[tuple[str, str]]) -> list[str]:
+def left_out_lines(left_out: list[tuple[str, str]], markdown: bool = True) -> list[str]:
     """One line per run left out, but one per study for ablation trials (a study has many)."""
     trials: dict[str, int] = {}
     lines = []
@@ -516,7 +516,9 @@ def left_out_lines(left_out: list[tuple[str, str]]) -> list[str]:
             study = reason.removeprefix("ablation trial (").split(" #")[0]
             trials[study] = trials.get(study, 0) + 1
         else:
-            lines.append(f"`{run_id}`: {reason}")
-    lines += [f"{n} trial run(s) of the ablation `{study}`: see [ablations/{study}.md](ablations/{study}.md)"
-              for study, n in sorted(trials.items())]
+            lines.append(f"`{run_id}`: {reason}" if markdown else f"{run_id}: {reason}")
+    for study, n in sorted(trials.items()):
+        table = f"ablations/{study}.md"
+        lines.append(f"{n} trial run(s) of the ablation `{study}`: see [{table}]({table})" if markdown
+                     else f"{n} trial run(s) of the ablation {study}: see {table}")
     return lines
