@@ -89,16 +89,17 @@ def render(exported: dict, out_dir: Path) -> list[Path]:
         plots["intermediate"] = lambda: optuna.visualization.matplotlib.plot_intermediate_values(study)
     images = []
     for kind, draw in plots.items():
-        with warnings.catch_warnings():
+        # Optuna's plots switch matplotlib's global style to ggplot; keep that change inside, or
+        # every later plot of the process (the leaderboard's) would be drawn differently.
+        path = out_dir / f"{name}_{kind}.png"
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             axes = draw()
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        fig = first.figure
-        fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.2)
-        fig.tight_layout()
-        path = out_dir / f"{name}_{kind}.png"
-        fig.savefig(path, dpi=100, metadata={"Software": None})
-        plt.close(fig)
+            fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.2)
+            fig.tight_layout()
+            fig.savefig(path, dpi=100, metadata={"Software": None})
+            plt.close(fig)
         files.append(path)
         images.append((kind, path.name))
     md = out_dir / f"{name}.md"

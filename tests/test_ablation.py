@@ -198,31 +198,31 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_pat
 
 
 def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path):
-    study = write_study(tmp_path, "resume", tiny_preset, intermediate={"every": 1, "prompts": 4}, budget={"max_steps": 12})
+    study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 40})
     runs = tmp_path / "runs"
     storage = runs / "ablations.db"
     proc = subprocess.Popen(
         [sys.executable, "-m", "neobench.cli", "ablate", str(study), "--no-report"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    killed_params = None
-    deadline = time.time() + 240
-    while time.time() < deadline and killed_params is None:
-        time.sleep(0.5)
-        if not storage.is_file():
-            continue
-        try:
-            trials = trials_in(storage, "resume")
-        except Exception:  # the study is not created yet
-            continue
-        done = [t for t in trials if t.state.name == "COMPLETE"]
-        running = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
-        if done and running:  # the second trial is training: kill worker and trial, as a lost machine would
-            killed_params = running[0].params
+    try:
+        # Kill worker and trial process together, as a lost machine would, while the second trial
+        # trains: one finished run directory, and a second one being written.
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            finished = [r for r in runs.glob("tiny-*") if (r / "metrics.json").is_file()] if runs.is_dir() else []
+            training = [p for p in runs.glob(".tmp-*/train_log.jsonl") if p.stat().st_size] if runs.is_dir() else []
+            if len(finished) == 1 and training:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert killed_params is not None, "the study never reached its second trial"
-    assert [t.state.name for t in trials_in(storage, "resume")].count("RUNNING") == 1
+        proc.wait()
+    trials = trials_in(storage, "resume")
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"], "killed while the second trial trained"
+    killed_params = trials[1].params
 
     result = neobench("ablate", str(study), "--no-report")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -276,3 +276,18 @@ def test_committed_ablations_regenerate_byte_for_byte(tmp_path):
         out = tmp_path / export.parent.parent.name
         for path in render(json.loads(export.read_text()), out):
             assert path.read_bytes() == (export.parent / path.name).read_bytes(), f"{export.parent}/{path.name} differs"
+
+
+def test_rendering_a_study_leaves_matplotlibs_style_alone(tmp_path):
+    """Optuna's plots switch to the ggplot style; the leaderboard plots drawn after must not change."""
+    import matplotlib
+
+    from neobench.ablation_report import render
+
+    export = {"study": "s", "direction": "minimize", "attrs": {}, "trials": [
+        {"number": i, "state": "COMPLETE", "value": float(i), "params": {"rank": 2 ** i}, "intermediate": {"1": float(i)},
+         "distributions": {"rank": {"name": "IntDistribution", "attributes": {"low": 1, "high": 64, "log": True, "step": 1}}},
+         "user_attrs": {}} for i in range(1, 4)]}
+    before = dict(matplotlib.rcParams)
+    render(export, tmp_path)
+    assert dict(matplotlib.rcParams) == before

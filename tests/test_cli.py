@@ -119,13 +119,18 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
     flags = tiny_flags(tiny, tmp_path / "runs")
     flags[flags.index("--max-steps") + 1] = "100000"  # long enough to be interrupted mid-training
     proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", *flags],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
-        time.sleep(0.5)
-    time.sleep(2)  # a few steps in
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
+            time.sleep(0.5)
+        time.sleep(2)  # a few steps in
+        proc.send_signal(signal.SIGINT)  # to the parent only: it must pass the interrupt on to its run
+        stderr = proc.communicate(timeout=120)[1]
+    finally:  # never leave a 100000-step run behind to slow the tests after this one
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130
     assert "interrupted: the unfinished run was discarded" in stderr
     assert list((tmp_path / "runs").iterdir()) == []
