@@ -119,7 +119,10 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
     flags = tiny_flags(tiny, tmp_path / "runs")
     flags[flags.index("--max-steps") + 1] = "100000"  # long enough to be interrupted mid-training
     proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", *flags],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # A shell's background job starts with SIGINT ignored, and Python then keeps it
+                            # ignored; a user's Ctrl-C always arrives, so restore the default here.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
