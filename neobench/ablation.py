@@ -43,6 +43,8 @@ PRUNED_EXIT = 3
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 300
 MAX_FAILURES_IN_A_ROW = 3
+MAX_RETRIES = 3
+SET_BY_ABLATE = ("study", "trial", "seed", "preset", "runs_dir")
 BUDGET_KEYS = ("max_steps", "batch_size", "grad_accum", "seq_len", "max_examples", "max_wall_seconds")
 SPEC_KEYS = ("description", "preset", "objective", "space", "sampler", "seed", "trials", "seeds", "budget",
              "fixed", "pruner", "intermediate")
@@ -196,7 +198,7 @@ def parse_spec(data: Any, name: str, source: str) -> StudySpec:
     for k in fixed:
         if k in BUDGET_KEYS:
             raise bad(f"fixed.{k}", "is a budget key; put it under 'budget'")
-        if k in ("study", "trial", "seed", "preset", "runs_dir"):
+        if k in SET_BY_ABLATE:
             raise bad(f"fixed.{k}", "is set by `neobench ablate` itself")
     from neobench.config import PRESETS
 
@@ -273,8 +275,8 @@ def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
     field = f"space.{name}"
     if name not in FIELD_NAMES:
         raise bad(field, f"is not a config key; valid keys: {', '.join(FIELD_NAMES)}")
-    if name in ("study", "trial", "seed", "preset", "runs_dir"):
-        raise bad(field, "cannot be searched")
+    if name in SET_BY_ABLATE:
+        raise bad(field, "is set by `neobench ablate` itself and cannot be searched")
     if not isinstance(raw, dict) or raw.get("type") not in ("int", "float", "categorical"):
         raise bad(f"{field}.type", "must be int, float or categorical")
     allowed = {"type", "choices"} if raw["type"] == "categorical" else {"type", "low", "high", "log", "step", "grid"}
@@ -405,7 +407,7 @@ def open_storage(url: str):
         try:
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES),
             )
         except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
             hint = ""
@@ -459,11 +461,9 @@ def _process_alive(pid: int) -> bool:
 
 def reap_dead_trials(study, storage) -> list[int]:
     """Fail and re-queue RUNNING trials whose worker ran on this host and is gone (killed, crashed)."""
-    import optuna
     from optuna.trial import TrialState
 
     host, reaped = socket.gethostname(), []
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=3)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
@@ -473,17 +473,16 @@ def reap_dead_trials(study, storage) -> list[int]:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except Exception:  # another worker reaped it first
             continue
-        retry(study, storage.get_trial(t._trial_id))
+        requeue(study, storage.get_trial(t._trial_id))
         reaped.append(t.number)
     return reaped
 
 
-def requeue(study, trial_number: int) -> None:
-    """Queue a failed (interrupted) trial again with the same parameters."""
+def requeue(study, frozen) -> None:
+    """Queue a failed trial again with the same parameters (Optuna's retry, at most MAX_RETRIES times)."""
     import optuna
 
-    frozen = study.get_trials(deepcopy=False)[trial_number]
-    optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, frozen)
+    optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
 
 
 def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: str, command: str):
@@ -590,14 +589,14 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
             # Its run process died (killed, out of memory): queue the same parameters again (up to
             # 3 times); a setting that fails every time stops the worker after 3 failures in a row.
             failures += 1
-            requeue(study, current["number"])
+            requeue(study, study.get_trials(deepcopy=False)[current["number"]])
             console.print(f"[red]{err}; queued again[/red]", highlight=False)
             if failures >= MAX_FAILURES_IN_A_ROW:
                 raise NeobenchError(f"{failures} trials in a row failed; the last: {err}") from None
             continue
         except KeyboardInterrupt:
             if "number" in current:  # optuna marked it FAIL; queue it again so the study resumes with it
-                requeue(study, current["number"])
+                requeue(study, study.get_trials(deepcopy=False)[current["number"]])
             raise
         failures = 0
         _print_progress(study, n_trials)
