@@ -55,7 +55,12 @@ ablations: $(STAMP)
 report: $(STAMP)
 	$(VENV)/bin/neobench report
 
+# The cost of a training step, measured against the machine's matmul limit: the limit itself,
+# the loss alone (naive / before / fused), then every method per dtype, this code beside the code
+# before the fused step (a git worktree). About 15 minutes on 2 CPU cores.
 bench: $(STAMP)
+	$(PY) benchmarks/matmul_limit.py
+	$(PY) benchmarks/kd_loss_cost.py loss
 	$(PY) benchmarks/step_cost.py
 
 clean:

@@ -1,11 +1,17 @@
-"""What the memory-lean KD loss and the teacher-logit cache buy, as figures (nothing passes or fails).
+"""What the fused projection + loss and the teacher-logit cache buy, as figures (nothing passes or fails).
 
-    python benchmarks/kd_loss_cost.py loss   [--tokens 2048] [--vocab 49152] [--chunk 256]
+    python benchmarks/kd_loss_cost.py loss   [--tokens 2048] [--vocabs 49152,128256] [--hidden 576]
     python benchmarks/kd_loss_cost.py matrix [--preset smol-cpu] [--cache topk:64] [--max-steps N]
 
-loss:   one KD loss step (forward + backward of the divergence alone) on random logits of the
-        default preset's shape, naive (one chunk) vs chunked; each in its own process, so the peak
-        memory (peak RSS above the inputs on CPU, CUDA max allocated on GPU) is that step's alone.
+loss:   one step of the neo objective alone, 0.5 CE + 0.5 KL(teacher || student), forward and
+        backward to the student's hidden states, from hidden states [tokens x hidden] of student
+        and teacher and their output heads [vocab x hidden], three ways:
+          naive  - both models' logits materialised, the loss in one piece;
+          before - logits materialised, the divergence in checkpointed chunks (the code before
+                   the fused step);
+          fused  - neobench.fused_loss: projection and loss in token chunks, no [tokens x vocab] tensor.
+        Each in its own process, so the peak memory (peak RSS above the inputs on CPU, CUDA max
+        allocated on GPU) is that computation's alone.
 matrix: wall time of the default method matrix (training only, --tasks none) with the teacher
         cache off, then on (emptied first, so its first KD run fills it and the others reuse it).
 """
@@ -20,42 +26,64 @@ import sys
 import tempfile
 import time
 
+WAYS = ("naive", "before", "fused")
 
-def loss_step(tokens: int, vocab: int, chunk: int, name: str) -> dict:
-    """Run in a child: time and peak memory of one divergence forward + backward."""
+
+def loss_step(tokens: int, vocab: int, hidden: int, way: str) -> dict:
+    """Run in a child: time and peak memory of one loss forward + backward."""
     import torch
+    import torch.nn.functional as F
 
+    from neobench.fused_loss import LogitHead, LossSpec, TeacherHidden, fused_loss
     from neobench.losses import distillation_loss
     from neobench.train import PeakMemory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    student = torch.randn(tokens, vocab, device=device, requires_grad=True)
-    teacher = torch.randn(tokens, vocab, device=device)
-    student.grad = torch.zeros_like(student)  # allocated up front: part of the inputs, not the loss
+    student_hidden = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    teacher_hidden = torch.randn(tokens, hidden, device=device)
+    student_w = torch.randn(vocab, hidden, device=device) / hidden**0.5
+    teacher_w = torch.randn(vocab, hidden, device=device) / hidden**0.5
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    student_hidden.grad = torch.zeros_like(student_hidden)  # part of the inputs, not the loss
     with PeakMemory(device) as memory:
         baseline = memory.peak_bytes()
         start = time.perf_counter()
-        distillation_loss(name, student, teacher, 1.0, chunk_tokens=chunk or None).backward()
+        if way == "fused":
+            parts = fused_loss(student_hidden, LogitHead(student_w, None, vocab), targets,
+                               TeacherHidden(teacher_hidden, LogitHead(teacher_w, None, vocab)), LossSpec(0.5, 0.5))
+            loss = parts["loss"] / tokens
+        else:
+            student_logits = student_hidden @ student_w.t()
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_w.t()
+            chunk = None if way == "naive" else 1024  # the old default loss_chunk_tokens
+            loss = 0.5 * F.cross_entropy(student_logits.float(), targets) + 0.5 * distillation_loss(
+                "forward_kl", student_logits, teacher_logits, 1.0, chunk_tokens=chunk)
+        loss.backward()
         seconds = time.perf_counter() - start
         peak = memory.peak_bytes()
-    return {"seconds": seconds, "extra_bytes": peak - baseline if memory.kind == "rss" else peak, "kind": memory.kind}
+    return {"seconds": seconds, "extra_bytes": peak - baseline if memory.kind == "rss" else peak, "kind": memory.kind,
+            "loss": float(loss), "grad_norm": float(student_hidden.grad.norm())}
 
 
 def bench_loss(args) -> None:
-    rows = {}
-    for label, chunk in (("naive", 0), (f"chunked ({args.chunk} tokens)", args.chunk)):
-        code = (f"import json; from benchmarks.kd_loss_cost import loss_step; "
-                f"print(json.dumps(loss_step({args.tokens}, {args.vocab}, {chunk}, {args.loss!r})))")
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
-    naive = rows["naive"]
-    print(f"{args.loss} loss step, {args.tokens} tokens x {args.vocab} vocabulary, fp32 ({naive['kind']})\n")
-    print("| computation | seconds | peak memory beyond the inputs (GiB) | memory vs naive |")
-    print("|---|---:|---:|---:|")
-    for label, r in rows.items():
-        print(f"| {label} | {r['seconds']:.2f} | {r['extra_bytes'] / 2**30:.2f} | {r['extra_bytes'] / naive['extra_bytes']:.2f} |")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(f"neo objective alone (0.5 CE + 0.5 forward KL, forward + backward), {args.tokens} tokens, hidden {args.hidden}, fp32\n")
+    print("| vocabulary | computation | seconds | peak memory beyond the inputs (GiB) | memory vs naive | time vs naive | loss | |grad| |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for vocab in (int(v) for v in args.vocabs.split(",")):
+        rows = {}
+        for way in WAYS:
+            code = (f"import json; from benchmarks.kd_loss_cost import loss_step; "
+                    f"print(json.dumps(loss_step({args.tokens}, {vocab}, {args.hidden}, {way!r})))")
+            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root)
+            rows[way] = json.loads(out.stdout.strip().splitlines()[-1])
+        naive = rows["naive"]
+        for way, r in rows.items():
+            print(f"| {vocab} | {way} | {r['seconds']:.2f} | {r['extra_bytes'] / 2**30:.2f} | "
+                  f"{r['extra_bytes'] / naive['extra_bytes']:.2f} | {r['seconds'] / naive['seconds']:.2f} | "
+                  f"{r['loss']:.6f} | {r['grad_norm']:.6f} |")
 
 
 def bench_matrix(args) -> None:
@@ -87,9 +115,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     loss = sub.add_parser("loss")
     loss.add_argument("--tokens", type=int, default=2048)
-    loss.add_argument("--vocab", type=int, default=49152)
-    loss.add_argument("--chunk", type=int, default=256)
-    loss.add_argument("--loss", default="forward_kl")
+    loss.add_argument("--vocabs", default="49152,128256", help="comma-separated vocabulary sizes (SmolLM2, Llama 3)")
+    loss.add_argument("--hidden", type=int, default=576)
     matrix = sub.add_parser("matrix")
     matrix.add_argument("--preset", default="smol-cpu")
     matrix.add_argument("--cache", default="topk:64")

@@ -1,54 +1,151 @@
-"""Seconds per optimizer step, throughput and peak memory of each method on a preset.
+"""Seconds per step, throughput, peak memory and share of the matmul limit, per method and dtype,
+for this code and for the code before the fused step (a figure, not a test).
 
-    python benchmarks/step_cost.py [--preset smol-cpu] [--steps 4] [--methods sft,lora,kd,neo]
+    python benchmarks/step_cost.py [--preset smol-cpu] [--steps 3] [--methods sft,lora,kd,neo,minillm]
+                                   [--dtypes float32,bfloat16] [--before REV | --before none]
 
-Each method trains for --steps optimizer steps in its own process (as `neobench run` does for a
-matrix), so peak memory is that method's alone: process peak RSS on CPU, CUDA max allocated on
-GPU. Prints a markdown table. A figure, not a test: nothing here passes or fails.
+Each (code, method, dtype) trains --steps optimizer steps in its own `neobench run` process
+(--tasks none), so its peak memory is its own: process peak RSS during training on CPU, CUDA max
+allocated on GPU. "before" is git revision REV (default: the last commit before the fused step)
+checked out in a temporary worktree and run with the same Python; its rows use float32, the dtype
+it trained in on CPU. --dtypes defaults to float32, plus bfloat16 where it is native.
+
+FLOPs of a step, counted from the model configs (adapter FLOPs, norms and element-wise work are
+left out):
+  forward of a model  = tokens x (2 x linear params of its layers + 4 x layers x hidden x mean length)
+                        + scored tokens x 2 x vocabulary x hidden          (the output head)
+  student backward    = 1 x its forward (activation gradients), + 1 x more when all weights train
+  teacher             = forward only (nothing when every example came from the teacher-logit cache)
+The old code projected every position through the head; it is credited with the same useful FLOPs.
+minillm samples its own sequences, so its FLOPs are not counted (n/a).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+BEFORE_FUSED_STEP = "2cf31f4"
+"""The last commit before the fused, mixed-precision step (issue 11)."""
+
+
+def layer_linear_params(config) -> tuple[int, int]:
+    """(linear parameters per decoder layer, layers) of a transformers config."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return d * q + 2 * d * kv + q * d + 3 * d * ffn, config.num_hidden_layers
+
+
+def forward_flops(config, tokens: int, scored: int, mean_length: float, vocab: int) -> float:
+    per_layer, layers = layer_linear_params(config)
+    return tokens * (2 * per_layer * layers + 4 * layers * config.hidden_size * mean_length) + scored * 2 * vocab * config.hidden_size
+
+
+def step_flops(metrics: dict) -> float | None:
+    """Useful FLOPs of one optimizer step of a finished run (see the module docstring)."""
+    from transformers import AutoConfig
+
+    if metrics["method"] == "minillm":
+        return None
+    budget = metrics["budget"]
+    steps = budget["steps"]
+    tokens, scored = budget["tokens"] / steps, budget["response_tokens"] / steps
+    mean_length = budget["tokens"] / budget["examples_seen"]
+    student = AutoConfig.from_pretrained(metrics["student_path"])
+    vocab = student.vocab_size
+    forward = forward_flops(student, tokens, scored, mean_length, vocab)
+    full = metrics["variant"] is None
+    total = forward * (3 if full else 2)
+    cache = metrics["cost"].get("teacher_cache", {})
+    teacher_ran = metrics["loss"] is not None and not (cache.get("mode", "off") != "off" and cache.get("misses") == 0)
+    if teacher_ran:
+        total += forward_flops(AutoConfig.from_pretrained(metrics["teacher_path"]), tokens, scored, mean_length, vocab)
+    return total
+
+
+def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, runs_dir: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(code_dir))
+    cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", preset, "--method", method, "--dtype", dtype,
+           "--max-steps", str(steps), "--tasks", "none", "--runs-dir", runs_dir]
+    done = subprocess.run(cmd, cwd=code_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{method} ({dtype}) in {code_dir} failed:\n{done.stderr[-2000:]}")
+    run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def worktree(rev: str, where: Path) -> Path:
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return where
+
 
 def main() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.matmul_limit import limits
+    from neobench.precision import cpu_has_native_bf16
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smol-cpu")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--methods", default="sft,lora,kd,neo")
-    parser.add_argument("--variant", default=None, help="adapter variant for lora/neo (default: lora)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--methods", default="sft,lora,kd,neo,minillm")
+    parser.add_argument("--dtypes", default=None, help="comma-separated; default float32 (+ bfloat16 where native)")
+    parser.add_argument("--before", default=BEFORE_FUSED_STEP, help="git revision to compare with, or 'none'")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+    methods = args.methods.split(",")
 
-    rows = []
-    with tempfile.TemporaryDirectory() as runs_dir:
-        for method in args.methods.split(","):
-            cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", args.preset, "--method", method,
-                   "--max-steps", str(args.steps), "--runs-dir", runs_dir]
-            if args.variant and method in ("lora", "neo"):
-                cmd += ["--variant", args.variant]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for run in sorted(Path(runs_dir).iterdir()):
-            rows.append(json.loads((run / "metrics.json").read_text()))
+    limit, _ = limits(args.preset)
+    rows: list[tuple[str, str, dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = [("after", REPO, d) for d in dtypes]
+        if args.before != "none":
+            plans.insert(0, ("before", worktree(args.before, Path(tmp) / "before"), "float32"))
+        try:
+            for code, code_dir, dtype in plans:
+                for method in methods:
+                    print(f"... {code} {method} {dtype}", file=sys.stderr, flush=True)
+                    rows.append((code, dtype, run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-{code}")))
+        finally:
+            if args.before != "none":
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(Path(tmp) / "before")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                shutil.rmtree(Path(tmp) / "before", ignore_errors=True)
 
-    cost0 = rows[0]["cost"]
-    print(f"preset {args.preset}, {args.steps} steps, batch {rows[0]['budget']['batch_size']} x "
-          f"accum {rows[0]['budget']['grad_accum']}, seq_len {rows[0]['budget']['seq_len']}, "
-          f"{cost0['device']} {cost0['dtype']}, {cost0['torch_threads']} threads, {platform.processor() or platform.machine()}")
-    print()
-    print("| method | s/step | tokens/s | peak memory (GiB) | memory kind | trainable params |")
-    print("|---|---:|---:|---:|---|---:|")
-    for r in sorted(rows, key=lambda r: args.methods.split(",").index(r["method"])):
+    first = rows[0][2]
+    print(f"preset {args.preset}, {args.steps} steps of batch {first['budget']['batch_size']} x accum "
+          f"{first['budget']['grad_accum']}, seq_len {first['budget']['seq_len']}, {first['cost']['device']}, "
+          f"{first['cost']['torch_threads']} threads, {platform.processor() or platform.machine()}; "
+          f"matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
+    before = {r["method"]: r for code, _, r in rows if code == "before"}
+    print("| code | method | dtype | s/step | tokens/s | peak memory (GiB) | GFLOP/s | share of limit | speed vs before | memory vs before |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for code, dtype, r in rows:
         c = r["cost"]
+        flops = step_flops(r)
+        achieved = flops / c["seconds_per_step"] / 1e9 if flops else None
+        old = before.get(r["method"])
+        speed = f"{old['cost']['seconds_per_step'] / c['seconds_per_step']:.2f}x" if old and code == "after" else ""
+        memory = f"{c['peak_memory_bytes'] / old['cost']['peak_memory_bytes']:.2f}x" if old and code == "after" else ""
         label = f"{r['method']}+{r['variant']}" if r["variant"] else r["method"]
-        print(f"| {label} | {c['seconds_per_step']:.2f} | {c['tokens_per_second']:.0f} | "
-              f"{c['peak_memory_bytes'] / 2**30:.2f} | {c['memory_kind']} | {c['trainable_params'] / 1e6:.2f}M |")
+        print(f"| {code} | {label} | {dtype} | {c['seconds_per_step']:.2f} | {c['tokens_per_second']:.0f} | "
+              f"{c['peak_memory_bytes'] / 2**30:.2f} | {f'{achieved:.0f}' if achieved else 'n/a'} | "
+              f"{f'{achieved / limit[dtype]:.0%}' if achieved else 'n/a'} | {speed} | {memory} |")
+    after = {(r["method"], d): r for code, d, r in rows if code == "after"}
+    for dtype in dtypes:
+        kd, neo = after.get(("kd", dtype)), after.get(("neo", dtype))
+        if kd and neo:
+            print(f"\nneo vs kd ({dtype}): peak memory {neo['cost']['peak_memory_bytes'] / kd['cost']['peak_memory_bytes']:.2f}x, "
+                  f"time per step {neo['cost']['seconds_per_step'] / kd['cost']['seconds_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -92,12 +92,14 @@ def apply_adapter(model: nn.Module, variant: str, rank: int, alpha: float, dropo
     return peft_model
 
 
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain transformers model with adapters folded in (the input is left untouched)."""
+def merged_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain transformers model with adapters folded in, in ``dtype`` if given (the input is left untouched)."""
     import copy
 
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
-        return model
-    return copy.deepcopy(model).merge_and_unload()
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
+    elif dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        model = copy.deepcopy(model)
+    return model if dtype is None else model.to(dtype)

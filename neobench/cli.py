@@ -72,7 +72,7 @@ def run(
     eval_split: Optional[str] = typer.Option(None, help="Split of --eval-data.", rich_help_panel=EVAL),
     seed: Optional[int] = typer.Option(None, help="Seed of adapter init and example order.", rich_help_panel=SYSTEM),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N].", rich_help_panel=SYSTEM),
-    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.", rich_help_panel=SYSTEM),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 where the device computes it natively: CUDA, CPUs with AVX-512 BF16/AMX; else fp32), float32 or bfloat16 (mixed precision: fp32 master weights and losses).", rich_help_panel=SYSTEM),
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
     save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` (default: on).", show_default=False, rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),

@@ -102,8 +102,8 @@ class RunConfig:
     """minillm: share of each micro-batch whose reverse-KL term uses the gold response instead of a sample."""
     minillm_ce_weight: float = 1.0
     """minillm: weight of CE on the gold responses added to the reverse KL."""
-    loss_chunk_tokens: int = 1024
-    """Tokens per chunk of the KD loss: bounds its fp32 [tokens x vocabulary] memory; 0 = one chunk."""
+    loss_chunk_tokens: int = 256
+    """Tokens per chunk of the fused projection + loss: bounds its fp32 [tokens x vocabulary] tiles; 0 = one chunk."""
 
     # --- evaluation (lm-evaluation-harness) -----------------------------------------------
     eval_tasks: str = "neo_suite"
@@ -127,7 +127,7 @@ class RunConfig:
     device: str = "auto"
     """auto, cpu or cuda[:N]."""
     dtype: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
+    """auto (bf16 where the device has native bf16: CUDA, CPUs with AVX-512 BF16 or AMX; else fp32), float32 or bfloat16 (mixed precision, see neobench.precision)."""
     runs_dir: str = "runs"
     """Where run directories are written."""
     save_weights: bool = True
@@ -238,6 +238,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     method = METHODS.get(cfg.method)
     DIVERGENCES.get(cfg.loss)
+    from neobench.precision import pick_dtype
+
+    pick_dtype(cfg.dtype, "cpu")  # a bad name fails here, before anything loads
     from neobench.teacher_cache import CacheMode
 
     CacheMode.parse(cfg.teacher_cache)

@@ -111,7 +111,8 @@ def evaluate_student(cfg: RunConfig, ws, student, run_dir: Path, taskset) -> dic
     spec = taskset.spec
     teacher = ws.teacher() if FIDELITY in spec.tasks else None
     console.print(f"evaluating {run_label(cfg)} on {', '.join(spec.tasks)} (limit {spec.limit or 'none'})", highlight=False)
-    evaluations = [evaluate(merged_copy(student), ws.tokenizer, taskset, teacher=teacher, vocab_size=ws.vocab_size, role="student")]
+    # Scored in the run's dtype: a bf16 run's student is evaluated with bf16 weights, like its references.
+    evaluations = [evaluate(merged_copy(student, ws.dtype), ws.tokenizer, taskset, teacher=teacher, vocab_size=ws.vocab_size, role="student")]
     for role, path in (("teacher", ws.teacher_path), ("untrained_student", ws.student_path)):
         result = model_evaluation(
             role, path, taskset, ws.device, ws.dtype, model=teacher if role == "teacher" else None,

@@ -32,11 +32,16 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return targets != IGNORE_INDEX, targets
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for softmaxes and reductions; fp32 and float64 (tests' references) stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy. logits [N, V] (any float dtype), targets [N] long -> scalar fp32."""
     if targets.numel() == 0:
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, reduction="mean")
+        return at_least_fp32(logits).sum() * 0.0
+    return F.cross_entropy(at_least_fp32(logits), targets, reduction="mean")
 
 
 # --- divergences between teacher and student next-token distributions -----------------------
@@ -47,8 +52,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """KL(p || q) per row, from log-probabilities, with 0 log 0 = 0.
+
+    Outcomes p excludes (log p = -inf, e.g. a teacher's masked vocabulary rows) add nothing, even
+    where q excludes them too. Where q excludes an outcome that p does not, KL is +inf, exactly
+    as defined: that is what reverse KL gives for a student that puts mass on a token the
+    teacher rules out (the training loop then stops with an error naming the finite options).
+    """
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
 
 
 def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
@@ -145,17 +157,26 @@ Teacher = torch.Tensor | TeacherLogProbs
 
 def _log_probs(student_logits: torch.Tensor, teacher: Teacher, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_s, log p_t) in fp32 over the same outcomes: the vocabulary, or top-k + rest."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_s = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=-1)
     if isinstance(teacher, torch.Tensor):
-        return log_s, F.log_softmax(teacher.float() / temperature, dim=-1)
-    log_t = teacher.log_probs.float()
+        return log_s, F.log_softmax(at_least_fp32(teacher) / temperature, dim=-1)
+    return over_teacher_outcomes(log_s, teacher)
+
+
+def over_teacher_outcomes(log_s: torch.Tensor, teacher: TeacherLogProbs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs [N, V] and a teacher's, over the outcomes the teacher is given on.
+
+    Dense: the vocabulary. Top-k: the K tokens, plus "any other token" (the remaining mass).
+    """
+    log_t = teacher.log_probs.to(log_s.dtype)
     if teacher.ids is None:
         return log_s, log_t
+    vocab = log_s.shape[-1]
     log_s = log_s.gather(-1, teacher.ids.long())
-    if teacher.ids.shape[-1] == student_logits.shape[-1]:  # K = V: nothing else remains
+    if teacher.ids.shape[-1] == vocab:  # K = V: nothing else remains
         return log_s, log_t
     rest_s = (1 - log_s.exp().sum(-1)).clamp_min(MIN_MASS).log()
-    rest_t = teacher.rest.float().clamp_min(MIN_MASS).log()
+    rest_t = teacher.rest.to(log_s.dtype).clamp_min(MIN_MASS).log()
     return torch.cat([log_s, rest_s[:, None]], -1), torch.cat([log_t, rest_t[:, None]], -1)
 
 

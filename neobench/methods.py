@@ -66,7 +66,11 @@ def objective(
     chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
     vocab_size: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
-    """The method's loss on one batch.
+    """The method's loss on one batch, from materialised logits: the reference definition.
+
+    Training does not call this: it computes the same objective from hidden states without ever
+    holding [B, T, V] logits (neobench.fused_loss, through train.offline_objective); tests pin the
+    two against each other.
 
     student_logits, teacher_logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX outside responses.
     teacher_logits may instead be a TeacherLogProbs from the teacher cache, already at the response tokens.

@@ -196,15 +196,3 @@ def pick_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise NeobenchError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return device
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow and lossy.
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in choices:
-        raise NeobenchError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(choices)}")
-    return choices[dtype]

@@ -17,7 +17,7 @@ import time
 import torch
 
 from neobench.data import Example, collate
-from neobench.losses import IGNORE_INDEX, cross_entropy, distillation_loss, next_token_targets
+from neobench.losses import IGNORE_INDEX, next_token_targets
 
 
 def prompt_of(example: Example) -> list[int]:
@@ -68,36 +68,47 @@ def sample_responses(
 
 
 def minillm_objective(
-    cfg, student, teacher_forward, tokenizer, gold_batch: dict, examples: list[Example], step_seed: int, vocab_size: int
-) -> tuple[dict[str, torch.Tensor], float]:
-    """MiniLLM's loss on one micro-batch; returns (parts as from methods.objective, generation seconds).
+    cfg, ws, student, student_head, gold_batch: dict, examples: list[Example], step_seed: int
+) -> tuple[dict, float]:
+    """MiniLLM's loss on one micro-batch; returns (parts as from train.offline_objective, generation seconds).
 
-    ``teacher_forward(batch) -> logits`` runs the teacher without gradients. ``parts["tokens"]`` counts
-    the gold response tokens, like every other method, so budgets and accumulation weights match.
+    Like every method's, the loss is in units of the gold response tokens: ``parts["tokens"]``
+    counts them and the loop divides by the step's count, so budgets and accumulation weights
+    match. It is minillm_ce_weight * (sum of CE on gold) + n_gold * (mean reverse KL on the samples).
     """
-    device = gold_batch["input_ids"].device
+    from neobench.fused_loss import LossSpec, fused_loss, scored_hidden
+    from neobench.precision import autocast
+    from neobench.train import teacher_hidden
+
     generator = torch.Generator().manual_seed(step_seed)
     n_gold = round(cfg.minillm_gold_fraction * len(examples))
     gold_positions = set(torch.randperm(len(examples), generator=generator)[:n_gold].tolist())
     started = time.perf_counter()
-    sequences = sample_responses(
-        student, tokenizer, examples, [i in gold_positions for i in range(len(examples))],
-        cfg.minillm_max_new_tokens, cfg.minillm_temperature, step_seed,
-    )
+    with autocast(ws.device, ws.dtype):
+        sequences = sample_responses(
+            student, ws.tokenizer, examples, [i in gold_positions for i in range(len(examples))],
+            cfg.minillm_max_new_tokens, cfg.minillm_temperature, step_seed,
+        )
     generation_seconds = time.perf_counter() - started
+    chunk = cfg.loss_chunk_tokens  # 0: one chunk
 
-    vocab = slice(None, vocab_size)
-    gold_logits = student(input_ids=gold_batch["input_ids"], attention_mask=gold_batch["attention_mask"]).logits
     gold_mask, gold_targets = next_token_targets(gold_batch["labels"])
-    ce = cross_entropy(gold_logits[gold_mask][:, vocab], gold_targets[gold_mask])
+    with autocast(ws.device, ws.dtype):
+        gold_hidden = scored_hidden(student, gold_batch, gold_mask)
+    gold = fused_loss(gold_hidden, student_head, gold_targets[gold_mask], None,
+                      LossSpec(cfg.minillm_ce_weight, 0.0, chunk_tokens=chunk), ws.dtype)
 
-    batch = {k: v.to(device) for k, v in collate(sequences, tokenizer.pad_token_id).items()}
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    teacher_logits = teacher_forward(batch)
-    mask, _ = next_token_targets(batch["labels"])
-    reverse_kl = distillation_loss(
-        "reverse_kl", logits[mask][:, vocab], teacher_logits[mask][:, vocab], cfg.temperature,
-        chunk_tokens=cfg.loss_chunk_tokens or None,
+    batch = {k: v.to(ws.device) for k, v in collate(sequences, ws.tokenizer.pad_token_id).items()}
+    mask, targets = next_token_targets(batch["labels"])
+    n_gold_tokens, n_sampled = int(gold_mask.sum()), max(1, int(mask.sum()))
+    with autocast(ws.device, ws.dtype):
+        hidden = scored_hidden(student, batch, mask)
+    sampled = fused_loss(
+        hidden, student_head, targets[mask], teacher_hidden(ws, batch, mask),
+        LossSpec(0.0, n_gold_tokens / n_sampled, "reverse_kl", cfg.temperature, chunk_tokens=chunk), ws.dtype,
     )
-    loss = reverse_kl + cfg.minillm_ce_weight * ce
-    return {"loss": loss, "ce": ce, "kd": reverse_kl, "tokens": gold_mask.sum()}, generation_seconds
+    parts = {
+        "loss": gold["loss"] + sampled["loss"], "ce_sum": gold["ce_sum"],
+        "kd_sum": sampled["kd_sum"] * (n_gold_tokens / n_sampled), "tokens": n_gold_tokens,
+    }
+    return parts, generation_seconds

@@ -99,6 +99,15 @@ def select_comparable(rows: pd.DataFrame) -> Selection:
     if students.empty:
         return Selection(students, references, left_out)
 
+    # One dtype: bf16 and fp32 runs differ in more than their method, so they never share a table.
+    # The dtype most runs used is kept (ties: the name sorting first), with the references scored in it.
+    dtypes = students.drop_duplicates("run_id")["dtype"].astype(str).value_counts()
+    kept_dtype = sorted(dtypes[dtypes == dtypes.max()].index)[0]
+    drop(students["dtype"].astype(str) != kept_dtype,
+         lambda r: f"dtype {r['dtype']} vs {kept_dtype}: runs of different dtypes are not compared")
+    # Reference rows written before they carried a dtype (null) were all fp32 runs' references.
+    references = references[references["dtype"].isna() | (references["dtype"].astype(str) == kept_dtype)]
+
     # One budget: the one most runs share (ties broken by the key itself, so the choice is stable).
     budgets = students.drop_duplicates("run_id")[BUDGET].astype(str).agg("|".join, axis=1)
     keys = students[BUDGET].astype(str).agg("|".join, axis=1)

@@ -72,6 +72,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
             who = student if role == "student" else {
                 **base, "model": role, "method": REFERENCE_METHODS.get(role, role),
                 "model_fingerprint": (evaluation.get("model_fingerprint") or "")[:16] or None,
+                "dtype": cost["dtype"],  # references are scored in the run's dtype
             }
             for r in evaluation["rows"]:
                 rows.append({**who, **{k: r.get(k) for k in (
@@ -107,7 +108,7 @@ def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         return frame
     refs = frame["model"] != "student"
     # The same reference model scored with the same task hash and limit is one row, whichever run stored it.
-    ref_key = ["preset", "model", "model_fingerprint", "task", "metric", "task_hash", "limit", "num_fewshot"]
+    ref_key = ["preset", "model", "model_fingerprint", "task", "metric", "task_hash", "limit", "num_fewshot", "dtype"]
     deduped = frame[refs].sort_values("run_id").drop_duplicates(ref_key, keep="first")
     frame = pd.concat([frame[~refs], deduped])
     frame = frame.sort_values(["preset", "model", "method", "variant", "seed", "run_id", "task", "metric"], na_position="first")

@@ -101,15 +101,18 @@ class TeacherCache:
             return None
         return TeacherLogProbs(tensors["log_probs"], tensors.get("ids"), tensors.get("rest"))
 
-    def store(self, index: int, example, teacher_logits: torch.Tensor) -> TeacherLogProbs:
+    def store(self, index: int, example, response_logits: torch.Tensor) -> TeacherLogProbs:
         """Cache the teacher's distributions at the response positions of one example.
 
-        teacher_logits: [T, V'] for the example's own (unpadded) positions; V' may exceed V (padding rows).
+        response_logits: [n, V'] at the example's n scored positions (those whose next token is a
+        response token), in order; V' may exceed V (padding rows, dropped here).
         """
         from safetensors.torch import save_file
 
         mask, _ = next_token_targets(torch.tensor([example.labels]))
-        logits = teacher_logits[: len(example.input_ids)][mask[0]][:, : self.vocab_size].float()
+        if response_logits.shape[0] != int(mask.sum()):
+            raise ValueError(f"example {index} has {int(mask.sum())} scored positions, got {response_logits.shape[0]} rows")
+        logits = response_logits[:, : self.vocab_size].float()
         log_probs = torch.log_softmax(logits / self.temperature, dim=-1)
         if self.mode.kind == "dense":
             tensors = {"log_probs": log_probs.half()}

@@ -20,17 +20,11 @@ from neobench.adapters import apply_adapter
 from neobench.config import RunConfig
 from neobench.data import TokenizedData, collate, example_order, load_training_data, resolve_data_file
 from neobench.errors import NeobenchError
-from neobench.losses import next_token_targets
-from neobench.methods import METHODS, objective
-from neobench.models import (
-    check_shared_vocabulary,
-    load_causal_lm,
-    load_tokenizer,
-    output_rows,
-    pick_device,
-    pick_dtype,
-    resolve_model,
-)
+from neobench.fused_loss import LogitHead, LossSpec, TeacherHidden, check_head, fused_loss, scored_hidden
+from neobench.losses import TeacherLogProbs, next_token_targets
+from neobench.methods import METHODS, Method
+from neobench.models import check_shared_vocabulary, load_causal_lm, load_tokenizer, output_rows, pick_device, resolve_model
+from neobench.precision import autocast, dtype_name, pick_dtype
 from neobench.prune import parse_pruned_spec, pruned_student_dir
 
 
@@ -46,11 +40,19 @@ class Workspace:
     device: str
     dtype: torch.dtype
     _teacher: Optional[torch.nn.Module] = field(default=None, repr=False)
+    _teacher_head: Optional[LogitHead] = field(default=None, repr=False)
 
     def teacher(self) -> torch.nn.Module:
+        """The frozen teacher, held in the run's compute dtype (it needs no fp32 master copy)."""
         if self._teacher is None:
             self._teacher = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
+            self._teacher_head = LogitHead.of(self._teacher, self.vocab_size)
+            check_head(self._teacher, self._teacher_head, self.teacher_path)
         return self._teacher
+
+    def teacher_head(self) -> LogitHead:
+        self.teacher()
+        return self._teacher_head
 
 
 def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
@@ -136,8 +138,11 @@ def planned_steps(cfg: RunConfig, n_examples: int) -> int:
 
 
 def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
+    """The student to train: weights that train are fp32 (master copies); an adapter's frozen base
+    is held in the compute dtype, and peft keeps the adapter itself in fp32."""
     torch.manual_seed(cfg.seed)
-    student = load_causal_lm(ws.student_path, ws.dtype, ws.device)
+    base_dtype = ws.dtype if cfg.effective_variant() is not None else torch.float32
+    student = load_causal_lm(ws.student_path, base_dtype, ws.device)
     student.config.use_cache = False
     if cfg.effective_variant() is not None:
         student = apply_adapter(
@@ -146,26 +151,75 @@ def build_student(cfg: RunConfig, ws: Workspace) -> torch.nn.Module:
     return student
 
 
-@torch.no_grad()
-def teacher_forward(teacher: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def group_by_length(picks: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """A step's examples as micro-batches of similar length, so little compute goes to padding.
+
+    Sorting within the step (stable, so ties keep the seeded order) changes which examples share
+    a micro-batch, never which examples the step sees: the step's gradient is the same sum, every
+    method gets the same micro-batches, and the order stays determined by the seed.
+    """
+    ordered = sorted(picks, key=lambda i: lengths[i])
+    return [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]
 
 
-def cached_teacher(cache, ws: Workspace, batch: dict, picks: list[int], counts: dict):
+def teacher_hidden(ws: Workspace, batch: dict, mask: torch.Tensor) -> TeacherHidden:
+    """The teacher's last hidden states at the scored positions; no logits, no autograd record."""
+    teacher = ws.teacher()
+    with torch.inference_mode(), autocast(ws.device, ws.dtype):
+        hidden = scored_hidden(teacher, batch, mask)
+    return TeacherHidden(hidden.clone(), ws.teacher_head())  # clone: a normal tensor autograd may see
+
+
+def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks: list[int], counts: dict) -> TeacherLogProbs:
     """The micro-batch's teacher distributions from the cache, running the teacher for missing examples."""
+    from neobench.fused_loss import project
     from neobench.teacher_cache import concat
 
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
     if missing:
-        with torch.no_grad():
-            logits = ws.teacher()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.cpu()
+        teacher = teacher_hidden(ws, batch, mask)
+        per_example = torch.split(teacher.hidden, mask.sum(1).tolist())
         for j in missing:
-            entries[j] = cache.store(picks[j], ws.data.examples[picks[j]], logits[j])
+            with torch.no_grad():
+                logits = teacher.head.transform(project(per_example[j], teacher.head, ws.dtype))
+            entries[j] = cache.store(picks[j], ws.data.examples[picks[j]], logits.cpu())
     counts["hits"] += len(picks) - len(missing)
     counts["misses"] += len(missing)
     merged = concat(entries)
     return type(merged)(*(None if x is None else x.to(ws.device) for x in (merged.log_probs, merged.ids, merged.rest)))
+
+
+def loss_spec(cfg: RunConfig, method: Method) -> LossSpec:
+    """The method's objective as weights of the summed CE and divergence terms."""
+    chunk = cfg.loss_chunk_tokens  # 0: one chunk
+    if not method.uses_teacher:
+        return LossSpec(1.0, 0.0, chunk_tokens=chunk)
+    return LossSpec(1 - cfg.kd_ratio, cfg.kd_ratio, cfg.loss, cfg.temperature, cfg.loss_param(), chunk)
+
+
+def offline_objective(cfg, ws, method, student, student_head, batch, picks, cache, cache_counts) -> dict:
+    """CE (+ divergence) on the micro-batch's response tokens, as sums over those tokens."""
+    mask, targets = next_token_targets(batch["labels"])
+    with autocast(ws.device, ws.dtype):
+        hidden = scored_hidden(student, batch, mask)
+    teacher = None
+    if method.uses_teacher:
+        teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else teacher_hidden(ws, batch, mask)
+    parts = fused_loss(hidden, student_head, targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
+    return {**parts, "tokens": int(mask.sum())}
+
+
+def check_finite(parts: dict, cfg: RunConfig, step: int) -> None:
+    value = float(parts["loss"].detach())
+    if math.isfinite(value):
+        return
+    hint = (
+        "reverse KL is +inf where the student puts mass on a token the teacher rules out (a -inf teacher logit); "
+        "use --loss skew_reverse_kl or jsd, which stay finite"
+        if cfg.loss == "reverse_kl" or METHODS.get(cfg.method).on_policy else "lower the learning rate or check the data"
+    )
+    raise NeobenchError(f"the loss became {value} at step {step}: {hint}")
 
 
 WEIGHTS_FILE = "trained_weights.safetensors"
@@ -224,10 +278,13 @@ def train(
     cache_counts = {"hits": 0, "misses": 0}
     generation_seconds = 0.0
     student.train()
+    student_head = LogitHead.of(student, ws.vocab_size)
+    check_head(student, student_head, ws.student_path)
     trainable = [p for p in student.parameters() if p.requires_grad]
     n_steps = planned_steps(cfg, len(ws.data.examples))
     per_step = cfg.batch_size * cfg.grad_accum
     order = example_order(len(ws.data.examples), n_steps * per_step, cfg.seed)
+    lengths = [len(ex.input_ids) for ex in ws.data.examples]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
     warmup_steps = math.ceil(cfg.warmup_ratio * n_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, n_steps, warmup_steps))
@@ -240,12 +297,11 @@ def train(
     with memory:
         start = time.perf_counter()
         for step in range(n_steps):
-            picks = order[step * per_step : (step + 1) * per_step]
-            micro_picks = [picks[k : k + cfg.batch_size] for k in range(0, per_step, cfg.batch_size)]
+            micro_picks = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
             micro_batches = [collate([ws.data.examples[i] for i in mp], pad_id) for mp in micro_picks]
-            # Weight each micro-batch by its share of the step's response tokens, so the
-            # accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
-            step_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
+            # Every loss term is summed over tokens and divided by the step's response-token count,
+            # so the accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
+            step_targets = max(1, sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches))
             totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
             for k, (batch, batch_picks) in enumerate(zip(micro_batches, micro_picks)):
                 batch = {name: v.to(ws.device) for name, v in batch.items()}
@@ -253,28 +309,19 @@ def train(
                     from neobench.onpolicy import minillm_objective
 
                     parts, seconds = minillm_objective(
-                        cfg, student, lambda b: teacher_forward(teacher, b), ws.tokenizer, batch,
-                        [ws.data.examples[i] for i in batch_picks], cfg.seed * 1_000_003 + step * 1_009 + k, ws.vocab_size,
+                        cfg, ws, student, student_head, batch, [ws.data.examples[i] for i in batch_picks],
+                        cfg.seed * 1_000_003 + step * 1_009 + k,
                     )
                     generation_seconds += seconds
                 else:
-                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    teacher_logits = None
-                    if cache is not None:
-                        teacher_logits = cached_teacher(cache, ws, batch, batch_picks, cache_counts)
-                    elif teacher is not None:
-                        teacher_logits = teacher_forward(teacher, batch)
-                    parts = objective(
-                        method, logits, batch["labels"], teacher_logits, kd_ratio=cfg.kd_ratio,
-                        temperature=cfg.temperature, loss=cfg.loss, loss_param=cfg.loss_param(),
-                        chunk_tokens=cfg.loss_chunk_tokens or None, vocab_size=ws.vocab_size,
-                    )
-                share = float(parts["tokens"]) / max(step_targets, 1)
-                (parts["loss"] * share).backward()
-                for k in totals:
-                    totals[k] += parts[k].item() * share
+                    parts = offline_objective(cfg, ws, method, student, student_head, batch, batch_picks, cache, cache_counts)
+                check_finite(parts, cfg, step + 1)
+                (parts["loss"] / step_targets).backward()
+                totals["loss"] += float(parts["loss"].detach()) / step_targets
+                totals["ce"] += float(parts["ce_sum"]) / step_targets
+                totals["kd"] += float(parts["kd_sum"]) / step_targets
                 tokens += int(batch["attention_mask"].sum())
-                response_tokens += int(parts["tokens"])
+                response_tokens += parts["tokens"]
             grad_norm = (
                 float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
             )
@@ -314,7 +361,7 @@ def train(
             "peak_memory_bytes": peak, "memory_kind": memory.kind,
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in student.parameters()),
-            "device": ws.device, "dtype": str(ws.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "device": ws.device, "dtype": dtype_name(ws.dtype), "torch_threads": torch.get_num_threads(),
             "teacher_cache": {"mode": cfg.teacher_cache, **cache_counts, "rebuilt": cache.rebuilt if cache else 0},
         },
         "final": {

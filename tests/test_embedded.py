@@ -36,3 +36,43 @@ def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path):
     scores = {(r["task"], r["metric"]): r["value"] for r in roles["student"]["rows"]}
     assert len(scores) == 7 and all(r["n_docs"] == 4 for r in roles["student"]["rows"])
     assert "scores (± stderr)" in result.stderr
+
+
+def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
+    """One step of each method x variant on the real models, in-process; step 1's loss (before any
+    update) equals the materialised reference objective of the old training step to 1e-4."""
+    import dataclasses
+
+    import torch
+
+    from neobench.adapters import VARIANTS
+    from neobench.config import load_preset, validate
+    from neobench.data import collate
+    from neobench.methods import METHODS, objective
+    from neobench.train import build_student, group_by_length, prepare, train
+
+    cfg = validate(dataclasses.replace(load_preset("smol-cpu"), max_steps=1, batch_size=2, grad_accum=2, max_examples=16,
+                                       seq_len=128, eval_tasks="none", dtype="float32", minillm_max_new_tokens=8))
+    ws = prepare(cfg)
+    cases = [(m, None) for m in ("sft", "kd", "minillm")] + [(m, v) for m in ("lora", "neo") for v in VARIANTS]
+    for method, variant in cases:
+        run_cfg = dataclasses.replace(cfg, method=method, variant=variant)
+        _, log, record = train(run_cfg, ws)
+        assert record["budget"]["steps"] == 1 and torch.isfinite(torch.tensor(log[0]["loss"])), (method, variant)
+        if method in ("kd", "neo") and variant in (None, "lora"):
+            from neobench.data import example_order
+
+            picks = example_order(len(ws.data.examples), 4, cfg.seed)
+            lengths = [len(ex.input_ids) for ex in ws.data.examples]
+            student = build_student(run_cfg, ws)
+            total = tokens = 0.0
+            for micro in group_by_length(picks, lengths, cfg.batch_size):
+                batch = collate([ws.data.examples[i] for i in micro], ws.tokenizer.pad_token_id)
+                with torch.no_grad():
+                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    teacher = ws.teacher()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    parts = objective(METHODS.get(method), logits, batch["labels"], teacher, kd_ratio=cfg.kd_ratio,
+                                      vocab_size=ws.vocab_size)
+                total += parts["loss"].item() * int(parts["tokens"])
+                tokens += int(parts["tokens"])
+            assert abs(log[0]["loss"] - total / tokens) <= 1e-4, (method, log[0]["loss"], total / tokens)

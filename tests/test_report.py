@@ -30,7 +30,7 @@ def eval_rows(values: dict, with_fidelity: bool = True) -> list[dict]:
 
 
 def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: int = 12, data_hash: str = "d1",
-             rank: int = 32, stamp: str = "0", tokens: int = 0) -> str:
+             rank: int = 32, stamp: str = "0", tokens: int = 0, dtype: str = "float32") -> str:
     run_id = f"p-{method}-{variant or 'full'}-s{seed}-r{rank}-{steps}-{data_hash}-{stamp}"
     run = root / run_id
     (run / "evaluations").mkdir(parents=True)
@@ -45,7 +45,7 @@ def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: i
                    "grad_accum": 2, "stopped_by": "max_steps"},
         "cost": {"trainable_params": 5e6 if variant else 8e7, "peak_memory_bytes": (3 if variant else 4) * 2**30,
                  "memory_kind": "rss", "train_seconds": (60.0 if variant else 80.0) + seed, "tokens_per_second": 200.0,
-                 "device": "cpu", "dtype": "float32"},
+                 "device": "cpu", "dtype": dtype},
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
     student = {k: (u + (t if t is not None else 0.0)) / 2 + shift for k, (u, t, _) in SCORES.items()}
@@ -103,6 +103,15 @@ def test_budget_and_data_hash_mismatches_are_left_out_with_reasons(matrix):
     assert "superseded" in reasons["p-sft-full-s0-r32-12-d1-0"]
     assert len(reasons) == 5
     assert set(sel.students["run_id"]) >= {"p-sft-full-s0-r32-12-d1-9"}
+
+
+def test_runs_of_another_dtype_never_share_a_table(matrix):
+    make_run(matrix, "neo", "lora", 5, 0.3, dtype="bfloat16", stamp="b")
+    rows = load_results(matrix)
+    assert set(rows.loc[rows["model"] != "student", "dtype"]) == {"float32", "bfloat16"}  # references per dtype
+    sel = select_comparable(rows)
+    assert "dtype bfloat16 vs float32" in dict(sel.left_out)["p-neo-lora-s5-r32-12-d1-b"]
+    assert set(sel.students["dtype"]) == {"float32"} and set(sel.references["dtype"]) == {"float32"}
 
 
 def test_every_format_is_written_and_parses_back(matrix, tmp_path):
