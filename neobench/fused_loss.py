@@ -261,8 +261,8 @@ class _FusedLoss(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         weight_c = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)  # cast once, not per chunk
         head_c = LogitHead(weight_c, bias, student_head.vocab_size, student_head.scale, student_head.softcap)
-        ce_sum = torch.zeros((), dtype=acc)
-        kd_sum = torch.zeros((), dtype=acc)
+        ce_sum = torch.zeros((), dtype=acc, device=student_hidden.device)  # on the device: no sync per chunk
+        kd_sum = torch.zeros((), dtype=acc, device=student_hidden.device)
         step = max(1, spec.chunk_tokens or n_tokens)
         closed_form = spec.closed_form and has_closed_form(student_head, teacher, spec)
         for start in range(0, n_tokens, step):
@@ -280,8 +280,8 @@ class _FusedLoss(torch.autograd.Function):
                     ce, kd = chunk_terms(raw, student_head, targets[rows], teacher_rows, spec, compute_dtype)
                     total = spec.ce_weight * ce + spec.kd_weight * kd
                     (grad_raw,) = torch.autograd.grad(total, raw) if need_any else (None,)
-            ce_sum += ce.detach().cpu()
-            kd_sum += kd.detach().cpu()
+            ce_sum += ce.detach()
+            kd_sum += kd.detach()
             if grad_raw is None:
                 continue
             grad_c = grad_raw.to(compute_dtype)
@@ -295,7 +295,7 @@ class _FusedLoss(torch.autograd.Function):
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         total = spec.ce_weight * ce_sum + spec.kd_weight * kd_sum
-        return total.to(student_hidden.device), ce_sum, kd_sum
+        return total, ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):

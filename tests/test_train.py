@@ -150,3 +150,13 @@ def test_minillm_samples_its_own_responses_and_learns(workspace):
         trainable, total = record["cost"]["trainable_params"], record["cost"]["total_params"]
         assert (trainable < total / 2) if variant else (trainable == total)
         assert log[-1]["loss"] < log[0]["loss"], f"minillm+{variant}: {[r['loss'] for r in log]}"
+
+
+def test_micro_batches_group_a_steps_examples_by_length():
+    from neobench.train import group_by_length
+
+    lengths = {0: 30, 1: 10, 2: 30, 3: 20, 4: 10, 5: 40, 6: 20, 7: 5}
+    picks = [5, 2, 7, 0, 1, 6, 3, 4]  # the seeded order of one step
+    groups = group_by_length(picks, lengths, 4)
+    assert groups == [[7, 1, 4, 6], [3, 2, 0, 5]]  # ties keep the seeded order (1 before 4, 2 before 0)
+    assert sorted(i for g in groups for i in g) == sorted(picks)  # the step sees the same examples
