@@ -57,7 +57,7 @@ def run(
     temperature: Optional[float] = typer.Option(None, help="KD softmax temperature (term scaled by T^2).", rich_help_panel=KD),
     jsd_beta: Optional[float] = typer.Option(None, help="beta of --loss jsd (0: forward KL, 1: reverse KL).", rich_help_panel=KD),
     skew_alpha: Optional[float] = typer.Option(None, help="alpha of the skew KLs (DistiLLM; default 0.1).", rich_help_panel=KD),
-    loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the fused projection + loss (bounds its fp32 [tokens x vocabulary] tiles; 0: one chunk).", rich_help_panel=KD),
+    loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the fused projection + loss (bounds its fp32 tokens-by-vocabulary tiles; 0: one chunk).", rich_help_panel=KD),
     teacher_cache: Optional[str] = typer.Option(None, help="Reuse teacher outputs across runs: off, dense or topk:K.", rich_help_panel=KD),
     minillm_max_new_tokens: Optional[int] = typer.Option(None, help="Tokens the student samples per prompt.", rich_help_panel=MINILLM),
     minillm_temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the student.", rich_help_panel=MINILLM),

@@ -103,7 +103,7 @@ class RunConfig:
     minillm_ce_weight: float = 1.0
     """minillm: weight of CE on the gold responses added to the reverse KL."""
     loss_chunk_tokens: int = 256
-    """Tokens per chunk of the fused projection + loss: bounds its fp32 [tokens x vocabulary] tiles; 0 = one chunk."""
+    """Tokens per chunk of the fused projection + loss: bounds its fp32 tokens-by-vocabulary tiles; 0 = one chunk."""
 
     # --- evaluation (lm-evaluation-harness) -----------------------------------------------
     eval_tasks: str = "neo_suite"
