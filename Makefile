@@ -33,7 +33,7 @@ test: $(STAMP)
 
 # The committed leaderboards/smol-cpu/: the method matrix for 3 seeds, then lora and neo with
 # every other adapter variant, minillm, and neo with JSD from a top-64 teacher cache (seed 0),
-# then the tables. About 80 minutes on 2 CPU cores.
+# then the tables. About 70 to 100 minutes on 2 CPU cores (97 min on an AVX2 machine, fused step).
 LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
 leaderboard: $(STAMP)
 	$(VENV)/bin/neobench run --seeds 3 --runs-dir $(LEADERBOARD_RUNS)
