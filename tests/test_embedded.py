@@ -39,7 +39,7 @@ def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path):
 
 
 def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
-    """One step of each method x variant on the real models, in-process; step 1's loss (before any
+    """One step of each method and each variant on the real models, in-process; step 1's loss (before any
     update) equals the materialised reference objective of the old training step to 1e-4."""
     import dataclasses
 
@@ -54,7 +54,8 @@ def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
     cfg = validate(dataclasses.replace(load_preset("smol-cpu"), max_steps=1, batch_size=2, grad_accum=2, max_examples=16,
                                        seq_len=128, eval_tasks="none", dtype="float32", minillm_max_new_tokens=8))
     ws = prepare(cfg)
-    cases = [(m, None) for m in ("sft", "kd", "minillm")] + [(m, v) for m in ("lora", "neo") for v in VARIANTS]
+    # Every variant once, on neo (lora builds its adapters through the same code); lora with plain LoRA.
+    cases = [(m, None) for m in ("sft", "kd", "minillm")] + [("lora", "lora")] + [("neo", v) for v in VARIANTS]
     for method, variant in cases:
         run_cfg = dataclasses.replace(cfg, method=method, variant=variant)
         _, log, record = train(run_cfg, ws)
