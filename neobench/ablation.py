@@ -37,7 +37,7 @@ from neobench.errors import NeobenchError
 from neobench.progress import console
 from neobench.registry import Registry
 
-STUDY_DIRS = (Path.cwd() / "ablations", Path(__file__).resolve().parent.parent / "ablations")
+REPO_STUDIES = Path(__file__).resolve().parent.parent / "ablations"
 STORAGE_FILE = "ablations.db"
 PRUNED_EXIT = 3
 HEARTBEAT_SECONDS = 60
@@ -142,7 +142,7 @@ def fmt(x: Any) -> str:
 def study_files() -> Registry[Path]:
     """Study name -> file: ablations/ in the working directory, then the repository's."""
     found: Registry[Path] = Registry("study")
-    for folder in STUDY_DIRS:
+    for folder in (Path.cwd() / "ablations", REPO_STUDIES):  # the working directory as it is now
         for path in sorted(folder.glob("*.yaml")):
             if path.stem not in found:
                 found.add(path.stem, path)

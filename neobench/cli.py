@@ -168,7 +168,7 @@ def eval_command(
     """Score a stored run's student, or any model, with lm-evaluation-harness.
 
     \b
-    neobench eval --run RUN_ID                   re-score a run (its preset's tasks)
+    neobench eval --run RUN_ID                   re-score a run (its tasks; its preset's if it ran with --tasks none)
     neobench eval --run RUN_ID --tasks arc_easy  another task; stored beside the first
     neobench eval --model pruned:15 --limit 20   any model; results cached by content
 
@@ -257,12 +257,14 @@ def report(
     others are listed as left out, with the reason.
     """
     from neobench.report import FORMATS
-    from neobench.results import load_results, read_rows, tidy, write_rows
+    from neobench.results import load_results, read_rows, run_dirs, tidy, write_rows
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise NeobenchError(f"unknown format {unknown[0] if unknown else format!r}; valid: {', '.join(FORMATS)}")
+    found = run_dirs(runs)
+    unscored = [d for d in found if not any((d / "evaluations").glob("*.json"))]
     fresh = load_results(runs)
     if preset:
         fresh = fresh[fresh["preset"] == preset]
@@ -273,6 +275,11 @@ def report(
         write_rows(merged, path)
         console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
+    if unscored:
+        how = unscored_hint(unscored, len(found), runs)
+        if not presets:
+            raise NeobenchError(f"{how}; nothing to report until one is scored")
+        console.print(f"[yellow]{how}[/yellow]", highlight=False)
     if not presets:
         raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
     from neobench.ablation import STORAGE_FILE
@@ -295,6 +302,18 @@ def report(
     if ablation_files:
         n = sum(f.suffix == ".md" for f in ablation_files)
         console.print(f"ablations: {n} {'study' if n == 1 else 'studies'}, {len(ablation_files)} files in {out}/<preset>/ablations/", highlight=False)
+
+
+def unscored_hint(unscored: list[Path], found: int, runs: Path) -> str:
+    """One line: how many runs have no scores yet, why, and the command that scores them."""
+    some = "it has" if found == 1 else f"{len(unscored)} of them {'has' if len(unscored) == 1 else 'have'}"
+    which = "it" if len(unscored) == 1 else "each"
+    more = f" (and likewise the {len(unscored) - 1} others)" if len(unscored) > 1 else ""
+    return (
+        f"found {found} run{'s' if found != 1 else ''} under {runs}/, but {some} no evaluation yet "
+        f"(trained with --tasks none?); score {which} with `neobench eval --run {unscored[0]}`{more}, "
+        f"then run `neobench report --runs {runs}` again"
+    )
 
 
 @app.command("list")

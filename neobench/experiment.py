@@ -209,11 +209,15 @@ def find_run(run: str, runs_dir: str) -> Path:
 def evaluate_run(run: str, runs_dir: str, eval_overrides: dict) -> dict:
     """`neobench eval --run`: rebuild the run's student from its stored weights and score it."""
     from neobench.config import apply_overrides, load_preset
-    from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
+    from neobench.evaluation import FIDELITY, EvalSpec, load_tasks, parse_task_list
     from neobench.train import WEIGHTS_FILE, load_trained_student, prepare
 
     run_dir = find_run(run, runs_dir)
-    cfg = validate(apply_overrides(load_preset(str(run_dir / "config.yaml")), eval_overrides, "command-line flags"))
+    stored = load_preset(str(run_dir / "config.yaml"))
+    if "eval_tasks" not in eval_overrides and not parse_task_list(stored.eval_tasks):
+        # A run trained with --tasks none was "not now", not "never": score it on its preset's suite.
+        eval_overrides = {**eval_overrides, "eval_tasks": preset_tasks(stored.preset)}
+    cfg = validate(apply_overrides(stored, eval_overrides, "command-line flags"))
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise NeobenchError(f"run {run_dir.name} stored no weights (it ran with save_weights off); train it again to evaluate it")
@@ -223,6 +227,14 @@ def evaluate_run(run: str, runs_dir: str, eval_overrides: dict) -> dict:
     ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
     taskset = load_tasks(spec, ws.student_path)
     return evaluate_student(cfg, ws, load_trained_student(cfg, ws, weights), run_dir, taskset)
+
+
+def preset_tasks(preset: str) -> str:
+    """The evaluation tasks of a packaged preset (the default suite for a preset file that is gone)."""
+    from neobench.config import PRESETS, load_preset
+
+    tasks = load_preset(preset).eval_tasks if preset in PRESETS else RunConfig.eval_tasks
+    return RunConfig.eval_tasks if tasks == "none" else tasks
 
 
 def evaluate_model(model: str, preset: str, eval_overrides: dict) -> dict:

@@ -423,26 +423,102 @@ def plot(sel: Selection, main: list[str], everyone: list[str], out: Path) -> lis
     fig.tight_layout()
     paths.append(_save(fig, out / "scores.png"))
 
-    runs = sel.students.drop_duplicates("run_id")
-    for key, xlabel, scale, name in (
-        ("peak_memory_bytes", "peak memory during training (GiB)", 2**30, "score_vs_memory.png"),
-        ("train_seconds", "training time (s)", 1, "score_vs_time.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for label in everyone:
-            gap = gap_closed(sel, label, columns)
-            r = runs[runs["label"] == label]
-            if gap is None or r.empty:
-                continue
-            x = r[key].mean() / scale
-            ax.errorbar([x], [100 * gap.mean], yerr=[0 if math.isnan(gap.half) else 100 * gap.half], fmt="o", capsize=3, color="C0")
-            ax.annotate(label, (x, 100 * gap.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("gap closed, untrained → teacher (%)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+    for key, xlabel, scale, name in SCATTERS:
+        fig, _ = scatter(sel, everyone, columns, key, xlabel, scale)
         paths.append(_save(fig, out / name))
     return paths
+
+
+SCATTERS = [
+    ("peak_memory_bytes", "peak memory during training (GiB)", 2**30, "score_vs_memory.png"),
+    ("train_seconds", "training time (s)", 1, "score_vs_time.png"),
+]
+
+
+def scatter(sel: Selection, everyone: list[str], columns, key: str, xlabel: str, scale: float):
+    """Gap closed (with its interval) against a cost column, every point labelled; -> (figure, labels)."""
+    import matplotlib.pyplot as plt
+
+    runs = sel.students.drop_duplicates("run_id")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    points = []
+    for label in everyone:
+        gap = gap_closed(sel, label, columns)
+        r = runs[runs["label"] == label]
+        if gap is None or r.empty:
+            continue
+        x = r[key].mean() / scale
+        ax.errorbar([x], [100 * gap.mean], yerr=[0 if math.isnan(gap.half) else 100 * gap.half], fmt="o", capsize=3, color="C0")
+        points.append((x, 100 * gap.mean, label))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("gap closed, untrained → teacher (%)")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.15)  # room for the labels of the outermost points
+    fig.tight_layout()  # before placing labels: it moves the axes, and with them the points
+    return fig, label_points(ax, points)
+
+
+# Where a label may sit relative to its point: (dx, dy) directions, then alignment. Tried in this
+# order, at growing distances, so the same rows always give the same picture.
+LABEL_SPOTS = [
+    (1, 1, "left", "bottom"), (1, -1, "left", "top"), (-1, 1, "right", "bottom"), (-1, -1, "right", "top"),
+    (0, 1, "center", "bottom"), (0, -1, "center", "top"), (1, 0, "left", "center"), (-1, 0, "right", "center"),
+    (2, 1, "left", "bottom"), (2, -1, "left", "top"), (-2, 1, "right", "bottom"), (-2, -1, "right", "top"),
+    (1, 2, "left", "bottom"), (1, -2, "left", "top"), (-1, 2, "right", "bottom"), (-1, -2, "right", "top"),
+]
+
+
+def label_points(ax, points: list[tuple[float, float, str]], fontsize: int = 8, step: float = 5.0) -> list:
+    """Annotate each (x, y, label) so that every point can be told apart.
+
+    A label may cover no other label or point and must stay inside the axes; a leader line
+    (drawn beyond the first ring) may cross no label, point or other leader line. Candidates lie
+    around the point at 1, 2, ... steps (in points, 1/72 inch); the first free one wins. If none is
+    free, the least bad is taken, where covering a label or point counts ten crossed lines.
+    """
+    from matplotlib.path import Path as Line
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pad = 4.0  # pixels of clearance around a point's marker
+    marks = [ax.transData.transform((x, y)) for x, y, _ in points]
+    boxes = [Bbox.from_extents(px - pad, py - pad, px + pad, py + pad) for px, py in marks]
+    leaders: list = []
+    annotations = []
+    for (x, y, label), own, (px, py) in zip(points, list(boxes), marks):
+        best = None
+        for ring in range(1, 21):
+            for dx, dy, ha, va in LABEL_SPOTS:
+                note = ax.annotate(
+                    label, (x, y), xytext=(dx * step * ring, dy * step * ring), textcoords="offset points",
+                    ha=ha, va=va, fontsize=fontsize,
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 1, "shrinkB": 3} if ring > 1 else None,
+                )
+                note.update_positions(renderer)
+                box = Text.get_window_extent(note, renderer).padded(1)  # the text, not its leader line
+                leader = Line([(px, py), (box.x0 + box.width / 2, box.y0 + box.height / 2)]) if ring > 1 else None
+                clashes = 10 * sum(box.overlaps(other) for other in boxes if other is not own)
+                clashes += 10 * (not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1))
+                if leader is not None:
+                    clashes += sum(leader.intersects_bbox(other) for other in boxes if other is not own)
+                    clashes += sum(leader.intersects_path(other) for other in leaders)
+                if best is None or clashes < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (clashes, note, box, leader)
+                else:
+                    note.remove()
+                if clashes == 0:
+                    break
+            if best[0] == 0:
+                break
+        boxes.append(best[2])
+        if best[3] is not None:
+            leaders.append(best[3])
+        annotations.append(best[1])
+    return annotations
 
 
 def _save(fig, path: Path) -> Path:
@@ -467,12 +543,11 @@ def render(rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] 
     sel = select_comparable(rows)
     if sel.students.empty:
         raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
-    main = [r for r in REFERENCES if (sel.references["method"] == r).any()] + student_labels(sel, adapter_variants=False)
-    variants = student_labels(sel, adapter_variants=True)
+    main, variants, everyone = row_labels(sel)
     tables = [
         score_table(sel, "main", "Main table", main, with_deltas=True),
         score_table(sel, "variants", "Adapter variants", variants, with_deltas=False),
-        efficiency_table(sel, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]),
+        efficiency_table(sel, everyone),
     ]
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
@@ -480,11 +555,18 @@ def render(rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] 
     for table in tables:
         if not table.display.empty:
             files += write_table(table, out, formats)
-    files += plot(sel, main, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main], out)
+    files += plot(sel, main, everyone, out)
     readme = out / "README.md"
     readme.write_text(leaderboard_markdown(preset, sel, tables))
     files.append(readme)
     return Report(preset, tables, sel.left_out, files)
+
+
+def row_labels(sel: Selection) -> tuple[list[str], list[str], list[str]]:
+    """Rows of the main table (references first), of the variants table, and every student once."""
+    main = [r for r in REFERENCES if (sel.references["method"] == r).any()] + student_labels(sel, adapter_variants=False)
+    variants = student_labels(sel, adapter_variants=True)
+    return main, variants, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]
 
 
 def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> str:

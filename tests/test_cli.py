@@ -48,12 +48,12 @@ def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path):
     assert "neobench runs" in result.stderr  # the summary table
 
 
-def test_variant_alone_runs_llm_neo(tiny, tmp_path):
-    result = neobench("run", "--variant", "rslora", *tiny_flags(tiny, tmp_path / "runs"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    (run,) = (tmp_path / "runs").iterdir()
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert (metrics["method"], metrics["variant"], metrics["loss"]) == ("neo", "rslora", "forward_kl")
+def test_variant_alone_runs_llm_neo():
+    from neobench.config import load_preset
+    from neobench.experiment import plan
+
+    (cfg,) = plan(load_preset("smol-cpu"), None, "rslora")
+    assert (cfg.method, cfg.variant, cfg.loss) == ("neo", "rslora", "forward_kl")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -167,3 +167,33 @@ def test_eval_bad_input_is_one_line(tmp_path, args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny, tmp_path):
+    """--tasks none means "not now": report says how to score the run, eval --run scores it on the
+    preset's suite, and outside a terminal lm-eval's progress is one line per task, not tqdm bars."""
+    runs = tmp_path / "runs"
+    trained = neobench("run", "--method", "lora", *tiny_flags(tiny, runs))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (run,) = runs.iterdir()
+
+    unscored = neobench("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    assert unscored.returncode == 2
+    assert unscored.stderr.strip() == (
+        f"error: found 1 run under {runs}/, but it has no evaluation yet (trained with --tasks none?); score it "
+        f"with `neobench eval --run {run}`, then run `neobench report --runs {runs}` again; nothing to report until one is scored"
+    )
+
+    scored = neobench("eval", "--run", str(run))  # stderr is a pipe here, as in CI or `make demo > log`
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    (evaluation,) = (run / "evaluations").glob("*.json")
+    tasks = {r["task"] for e in json.loads(evaluation.read_text())["evaluations"] if e["role"] == "student" for r in e["rows"]}
+    assert tasks == {"neo_heldout_nll", "neo_heldout_match", "neo_pydoc_bpb", "neo_fidelity"}  # smol-cpu's neo_suite
+    assert "\r" not in scored.stderr and "it/s" not in scored.stderr, "tqdm bars leaked into a non-terminal"
+    for line in ("neo_heldout_nll: 6 loglikelihood requests in", "neo_heldout_match: 24 loglikelihood requests in",
+                 "neo_pydoc_bpb: 6 loglikelihood_rolling requests in"):
+        assert line in scored.stderr, scored.stderr
+
+    reported = neobench("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    assert reported.returncode == 0, reported.stderr
+    assert "collected 1 runs of smol-cpu" in reported.stderr

@@ -175,3 +175,70 @@ def test_report_command_and_its_errors(matrix, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown format 'pdf'; valid: md, csv, html, tex"
     empty = neobench("--runs", str(tmp_path / "none"), "--out", str(tmp_path / "nothing"))
     assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1
+
+
+def label_boxes(labels):
+    from matplotlib.text import Text
+
+    renderer = labels[0].figure.canvas.get_renderer()
+    boxes = []
+    for note in labels:
+        note.update_positions(renderer)
+        boxes.append(Text.get_window_extent(note, renderer))
+    return boxes
+
+
+def assert_identifiable(labels, points_px, frame):
+    boxes = label_boxes(labels)
+    for i, a in enumerate(boxes):
+        assert frame.contains(a.x0, a.y0) and frame.contains(a.x1, a.y1), f"label {labels[i].get_text()!r} leaves the axes"
+        for j, b in enumerate(boxes[:i]):
+            assert not a.overlaps(b), f"labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap"
+        for (px, py), note in zip(points_px, labels):
+            assert not a.contains(px, py), f"label {labels[i].get_text()!r} covers the point of {note.get_text()!r}"
+
+
+def test_crowded_points_get_labels_that_overlap_nothing():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neobench.report import label_points
+
+    # The collisions of the old plots: near-equal points with long labels.
+    points = [(2.93, 23.4, "lora+dora"), (2.95, 23.0, "neo (jsd)"), (2.96, 23.3, "neo"), (2.98, 23.3, "neo+moslora"),
+              (3.0, 23.2, "neo+dora"), (2.35, 22.5, "lora"), (2.37, 22.8, "lora+moslora"), (2.9, 39.8, "neo+rslora"),
+              (2.92, 40.0, "neo+pissa"), (2.36, 39.0, "lora+rslora")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for x, y, _ in points:
+        ax.plot([x], [y], "o")
+    ax.margins(x=0.2, y=0.15)
+    fig.tight_layout()
+    labels = label_points(ax, points)
+    assert [n.get_text() for n in labels] == [p[2] for p in points]
+    renderer = fig.canvas.get_renderer()
+    assert_identifiable(labels, [ax.transData.transform((x, y)) for x, y, _ in points], ax.get_window_extent(renderer))
+    plt.close(fig)
+
+
+def test_committed_plots_label_every_point_apart():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neobench.report import SCATTERS, headline_metrics, row_labels, scatter
+
+    rows_file = REPO / "leaderboards" / "smol-cpu" / "results.jsonl"
+    sel = select_comparable(read_rows(rows_file))
+    _, _, everyone = row_labels(sel)
+    columns = headline_metrics(pd.concat([sel.students, sel.references]))
+    for key, xlabel, scale, _ in SCATTERS:
+        fig, labels = scatter(sel, everyone, columns, key, xlabel, scale)
+        ax = fig.axes[0]
+        points = [ax.transData.transform(n.xy) for n in labels]
+        assert len(labels) == len(everyone)
+        assert_identifiable(labels, points, ax.get_window_extent(fig.canvas.get_renderer()))
+        plt.close(fig)
+
