@@ -74,7 +74,8 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N].", rich_help_panel=SYSTEM),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 where the device computes it natively: CUDA, CPUs with AVX-512 BF16/AMX; else fp32), float32 or bfloat16 (mixed precision: fp32 master weights and losses).", rich_help_panel=SYSTEM),
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
-    save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` (default: on).", show_default=False, rich_help_panel=SYSTEM),
+    save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` and `neobench export` (default: on).", show_default=False, rich_help_panel=SYSTEM),
+    log_to: Optional[str] = typer.Option(None, help="Also log training scalars while training: none or tensorboard (RUN_DIR/tensorboard/; needs `pip install tensorboard`).", rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),
     optuna_trial: Optional[str] = typer.Option(None, hidden=True, help="Set by neobench ablate: the trial this run reports to (JSON)."),
 ):
@@ -104,7 +105,7 @@ def run(
         "loss_chunk_tokens": loss_chunk_tokens, "teacher_cache": teacher_cache,
         "minillm_max_new_tokens": minillm_max_new_tokens, "minillm_temperature": minillm_temperature,
         "minillm_gold_fraction": minillm_gold_fraction, "minillm_ce_weight": minillm_ce_weight, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
-        "save_weights": save_weights, "eval_data": eval_data, "eval_split": eval_split,
+        "save_weights": save_weights, "log_to": log_to, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
     base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
@@ -188,6 +189,32 @@ def eval_command(
 
 
 @app.command()
+def export(
+    run: str = typer.Argument(..., help="A run id under --runs-dir, or a run directory."),
+    out: Path = typer.Option(..., "--out", help="Directory to write (must not exist, or be empty)."),
+    merged: bool = typer.Option(False, "--merged", help="Adapter runs: write a full model with the adapter merged in, not a peft adapter."),
+    runs_dir: str = typer.Option("runs", help="Where RUN looks for run ids."),
+):
+    """Write a run's student where other tools load it: a peft adapter, or a transformers model.
+
+    \b
+    neobench export RUN_ID --out students/neo-dora            peft adapter (+ base_model/ if not on the Hub)
+    neobench export RUN_ID --out students/neo-dora-merged --merged   one model: transformers, lm_eval --model hf
+
+    Adapter runs give a plain LoRA adapter (PiSSA converted, MoSLoRA's mixer folded in); full-weight
+    runs, and --merged, a save_pretrained directory with tokenizer and chat template. Both carry a
+    model card (README.md) with the run's scores, and the run's config.
+    """
+    from neobench.export import export_run
+
+    result = export_run(run, runs_dir, out, merged)
+    console.print(
+        f"exported {result['kind']} to {out}/: {len(result['files'])} files, {result['bytes'] / 2**20:.1f} MiB, "
+        f"{result['seconds']:.0f} s", highlight=False,
+    )
+
+
+@app.command()
 def ablate(
     study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams) or a study YAML file."),
     trials: Optional[int] = typer.Option(None, min=1, help="Trials the study should hold when done (default: the study file's). Finished ones count."),
@@ -257,7 +284,9 @@ def report(
     others are listed as left out, with the reason.
     """
     from neobench.report import FORMATS
-    from neobench.results import load_results, read_rows, run_dirs, tidy, write_rows
+    from neobench.results import (
+        load_curves, load_results, read_curves, read_rows, run_dirs, tidy, tidy_curves, write_curves, write_rows,
+    )
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -268,11 +297,16 @@ def report(
     fresh = load_results(runs)
     if preset:
         fresh = fresh[fresh["preset"] == preset]
+    fresh_curves = load_curves(runs)
     for name, rows in fresh.groupby("preset", sort=True):
         path = out / name / "results.jsonl"
         old = read_rows(path) if path.is_file() else rows.iloc[0:0]
         merged = tidy([*old[~old["run_id"].isin(set(rows["run_id"]))].to_dict("records"), *rows.to_dict("records")])
         write_rows(merged, path)
+        curves = fresh_curves[fresh_curves["run_id"].isin(set(rows["run_id"]))]
+        old_curves = read_curves(out / name / "curves.jsonl")
+        write_curves(tidy_curves([*old_curves[~old_curves["run_id"].isin(set(rows["run_id"]))].to_dict("records"),
+                                  *curves.to_dict("records")]), out / name / "curves.jsonl")
         console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if unscored:
@@ -292,7 +326,7 @@ def report(
         if len(students) and students["study"].notna().all():
             console.print(f"[bold]{name}[/bold]: only ablation trials, no leaderboard tables", highlight=False)
             continue
-        result = render(rows, name, out / name, formats)
+        result = render(rows, name, out / name, formats, curves=read_curves(out / name / "curves.jsonl"))
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
         for line in left_out_lines(result.left_out, markdown=False):
             console.print(f"  left out {line}", highlight=False, markup=False)

@@ -132,6 +132,8 @@ class RunConfig:
     """Where run directories are written."""
     save_weights: bool = True
     """Store the weights a run changed (adapters; all weights for sft/kd) so `neobench eval --run` can reload it."""
+    log_to: str = "none"
+    """Also log training scalars elsewhere while a run trains: none, or tensorboard (event files in RUN_DIR/tensorboard/)."""
     study: Optional[str] = None
     """Set by `neobench ablate`: the Optuna study this run is a trial of (None: not an ablation trial)."""
     trial: Optional[int] = None
@@ -282,4 +284,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name, ok, expected in checks:
         if not ok:
             raise NeobenchError(f"config field {name!r} must be {expected}, got {getattr(cfg, name)!r}")
+    check_log_to(cfg.log_to)
     return cfg
+
+
+LOG_TARGETS = ("none", "tensorboard")
+
+
+def check_log_to(target: str) -> None:
+    """A known target whose package is installed (a missing one fails before training, not after)."""
+    import importlib.util
+
+    if target not in LOG_TARGETS:
+        raise NeobenchError(f"unknown --log-to {target!r}; valid: {', '.join(LOG_TARGETS)}")
+    if target == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise NeobenchError(
+            "--log-to tensorboard needs the tensorboard package: pip install 'neobench[tensorboard]' (or pip install tensorboard)"
+        )

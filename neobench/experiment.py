@@ -70,21 +70,41 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None) -> di
     run_id = run_id or new_run_id(cfg)
     with RunWriter(cfg.runs_dir, run_id) as writer:
         writer.write_config(cfg)
+        # In a terminal, a live bar; in a log (CI, nohup, `> file`), plain lines: rich would print
+        # only the bar's last state, squeezed into 80 columns, after minutes of silence.
+        interactive = console.is_terminal
         progress = Progress(
             TextColumn(f"[bold]{run_label(cfg)} s{cfg.seed}"), BarColumn(bar_width=16),
             TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not interactive,
         )
+        total = planned_steps(cfg, len(ws.data.examples))
+        every = max(1, total // 20)  # at most about 20 lines per run in a log
         with progress:
-            task = progress.add_task("train", total=planned_steps(cfg, len(ws.data.examples)), info="")
+            task = progress.add_task("train", total=total, info="")
+
+            board = step_board(cfg.log_to, writer.tmp / "tensorboard")
 
             def on_step(row: dict) -> None:
                 writer.log_step(row)
+                if board is not None:
+                    for key in BOARD_SCALARS:
+                        if row.get(key) is not None:
+                            board.add_scalar(f"train/{key}", row[key], row["step"])
                 kd = f" kd {row['kd']:.3f}" if method.uses_teacher else ""
-                progress.update(task, completed=row["step"], info=f"loss {row['loss']:.3f} ce {row['ce']:.3f}{kd} | {row['tokens_per_s']:.0f} tok/s")
+                info = f"loss {row['loss']:.3f} ce {row['ce']:.3f}{kd} | {row['tokens_per_s']:.0f} tok/s"
+                progress.update(task, completed=row["step"], info=info)
+                if not interactive and (row["step"] % every == 0 or row["step"] == total):
+                    console.print(
+                        f"{run_label(cfg)} s{cfg.seed} step {row['step']}/{total} {info}, {row['elapsed_s']:.0f} s", highlight=False
+                    )
 
             hook = (lambda step, student: after_step(step, student, ws)) if after_step else None
-            student, _, record = train(cfg, ws, on_step, hook)
+            try:
+                student, _, record = train(cfg, ws, on_step, hook)
+            finally:
+                if board is not None:
+                    board.close()  # before the run directory is renamed into place
         if cfg.save_weights:
             writer.write_tensors(WEIGHTS_FILE, changed_weights(student, cfg))
         metrics = {
@@ -99,6 +119,18 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None) -> di
     if taskset is not None:
         evaluate_student(cfg, ws, student, run_dir, taskset)
     return metrics
+
+
+BOARD_SCALARS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")
+
+
+def step_board(target: str, log_dir: Path):
+    """A TensorBoard SummaryWriter for ``--log-to tensorboard`` (the HF Trainer's report_to convention), else None."""
+    if target != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def evaluate_student(cfg: RunConfig, ws, student, run_dir: Path, taskset) -> dict:

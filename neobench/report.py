@@ -429,6 +429,35 @@ def plot(sel: Selection, main: list[str], everyone: list[str], out: Path) -> lis
     return paths
 
 
+def plot_curves(sel: Selection, labels: list[str], curves: pd.DataFrame, out: Path) -> Path | None:
+    """training_curves.png: loss, CE and KD per step for each label, mean over its seeds with a min-max band."""
+    import matplotlib.pyplot as plt
+
+    runs = sel.students.drop_duplicates("run_id")[["run_id", "label"]]
+    data = curves.merge(runs, on="run_id")
+    drawn = [l for l in labels if (data["label"] == l).any()]
+    if not drawn:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharex=True)
+    for i, label in enumerate(drawn):
+        mine = data[data["label"] == label]
+        for ax, column in zip(axes, ("loss", "ce", "kd")):
+            per_step = mine.dropna(subset=[column]).groupby("step")[column].agg(["mean", "min", "max"])
+            if per_step.empty:
+                continue
+            steps = per_step.index.astype(int)
+            ax.plot(steps, per_step["mean"], color=f"C{i}", label=label, lw=1.4)
+            ax.fill_between(steps, per_step["min"], per_step["max"], color=f"C{i}", alpha=0.15, lw=0)
+    for ax, title in zip(axes, ("loss (the objective)", "CE on response tokens", "KD term")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out / "training_curves.png")
+
+
 SCATTERS = [
     ("peak_memory_bytes", "peak memory during training (GiB)", 2**30, "score_vs_memory.png"),
     ("train_seconds", "training time (s)", 1, "score_vs_time.png"),
@@ -538,8 +567,10 @@ class Report:
     files: list[Path]
 
 
-def render(rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] = FORMATS) -> Report:
-    """Write every table (in ``formats``), the plots and README.md for one preset's rows."""
+def render(
+    rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] = FORMATS, curves: pd.DataFrame | None = None
+) -> Report:
+    """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves)."""
     sel = select_comparable(rows)
     if sel.students.empty:
         raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
@@ -556,8 +587,10 @@ def render(rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] 
         if not table.display.empty:
             files += write_table(table, out, formats)
     files += plot(sel, main, everyone, out)
+    curve_plot = plot_curves(sel, [l for l in main if l not in REFERENCES], curves, out) if curves is not None else None
+    files += [curve_plot] if curve_plot else []
     readme = out / "README.md"
-    readme.write_text(leaderboard_markdown(preset, sel, tables))
+    readme.write_text(leaderboard_markdown(preset, sel, tables, with_curves=curve_plot is not None))
     files.append(readme)
     return Report(preset, tables, sel.left_out, files)
 
@@ -569,7 +602,7 @@ def row_labels(sel: Selection) -> tuple[list[str], list[str], list[str]]:
     return main, variants, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]
 
 
-def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> str:
+def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table], with_curves: bool = False) -> str:
     budget = sel.students.iloc[0]
     runs = sel.students.drop_duplicates("run_id")
     tokens = ", ".join(f"{int(t):,} (seed {s})" for s, t in runs.groupby("seed")["tokens"].first().items())
@@ -592,6 +625,12 @@ def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table]) -> st
         parts += [f"{note}\n" for note in table.notes]
     parts.append("## Plots\n")
     parts.append("![scores](scores.png)\n\n![gap closed vs peak memory](score_vs_memory.png) ![gap closed vs time](score_vs_time.png)\n")
+    if with_curves:
+        parts.append(
+            "Training curves of the main table's students: the loss each method minimises, its CE and its KD "
+            "term per optimizer step (mean over seeds; the band spans the seeds' lowest to highest value).\n\n"
+            "![training curves](training_curves.png)\n"
+        )
     if sel.left_out:
         parts.append("## Left out\n")
         parts.append("".join(f"- {line}\n" for line in left_out_lines(sel.left_out)))

@@ -28,7 +28,7 @@ COLUMNS = [
 ]
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
-NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens"} | {"study", "trial"}
+NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {"study", "trial"}
 
 
 def config_key(config: dict[str, Any], device: str, dtype: str) -> str:
@@ -93,6 +93,44 @@ def load_results(runs_dir: str | Path) -> pd.DataFrame:
     """Tidy rows of every run under ``runs_dir``; reference rows appear once per preset and evaluation."""
     rows = [row for run in run_dirs(runs_dir) for row in run_rows(run)]
     return tidy(rows)
+
+
+# Training curves: one row per run x optimizer step, from train_log.jsonl. Kept beside
+# results.jsonl as curves.jsonl, so the plots regenerate from committed rows like the tables.
+CURVE_COLUMNS = ["preset", "run_id", "step", "loss", "ce", "kd"]
+
+
+def load_curves(runs_dir: str | Path) -> pd.DataFrame:
+    """Per-step loss, CE and KD of every run under ``runs_dir``."""
+    rows = []
+    for run in run_dirs(runs_dir):
+        metrics = json.loads((run / "metrics.json").read_text())
+        log = run / "train_log.jsonl"
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            step = json.loads(line)
+            kd = step.get("kd") if metrics.get("loss") else None  # sft and lora log kd = 0: they have no KD term
+            rows.append({"preset": metrics["preset"], "run_id": run.name, "step": step["step"], "loss": step.get("loss"),
+                         "ce": step.get("ce"), "kd": kd})
+    return tidy_curves(rows)
+
+
+def tidy_curves(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows), columns=CURVE_COLUMNS)
+    frame["step"] = frame["step"].astype("Int64")
+    return frame.sort_values(["preset", "run_id", "step"]).reset_index(drop=True)
+
+
+def write_curves(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({c: _plain(row[c]) for c in CURVE_COLUMNS}) for _, row in frame.iterrows()]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_curves(path: Path) -> pd.DataFrame:
+    """A leaderboard's curves.jsonl; no file gives no rows (boards made before curves were kept)."""
+    if not path.is_file():
+        return tidy_curves([])
+    return tidy_curves(json.loads(line) for line in path.read_text().splitlines() if line.strip())
 
 
 INTEGER_COLUMNS = ["seed", "steps", "tokens", "seq_len", "batch_size", "grad_accum", "n_docs", "limit", "num_fewshot",

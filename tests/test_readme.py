@@ -1,5 +1,5 @@
 """README.md's commands cannot rot: every `neobench ...` and `make ...` line of its code blocks is
-checked, and those of run, eval, report, ablate and list are run on the tiny models.
+checked, and those of run, eval, report, ablate, list and export are run on the tiny models.
 
 A failure names the README line the command came from.
 """
@@ -48,7 +48,7 @@ def where(number: int, argv: list[str]) -> str:
 def test_the_readme_has_commands_of_every_kind():
     kinds = {(argv[0], argv[1]) for _, argv in COMMANDS}
     for kind in [("make", "demo"), ("make", "test"), ("neobench", "run"), ("neobench", "eval"), ("neobench", "report"),
-                 ("neobench", "ablate"), ("neobench", "list")]:
+                 ("neobench", "ablate"), ("neobench", "list"), ("neobench", "export")]:
         assert kind in kinds, f"README.md shows no `{' '.join(kind)}` in a code block"
 
 
@@ -62,6 +62,7 @@ STOP_AT = {
     "eval": ["neobench.experiment.evaluate_run", "neobench.experiment.evaluate_model"],
     "report": ["neobench.results.load_results"],
     "ablate": ["neobench.ablation.run_study"],
+    "export": ["neobench.export.export_run"],
 }
 
 
@@ -105,7 +106,7 @@ def on_tiny(argv: list[str], preset: Path, run_id: str | None) -> list[str]:
 
 
 def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
-    """Each README command of run, eval, report, ablate and list, as written, on the tiny models.
+    """Each README command of run, eval, report, ablate, list and export, as written, on the tiny models.
 
     Commands run in this process (typer's CliRunner), and so do the runs they would start in
     child processes: the process boundary is tested on its own in test_cli.py, and here each
@@ -145,7 +146,7 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
     chosen, seen = [], set()
     for number, argv in COMMANDS:
         line = " ".join(argv)
-        if argv[0] != "neobench" or argv[1] not in ("run", "eval", "report", "ablate", "list") or any(s in line for s in NOT_RUN):
+        if argv[0] != "neobench" or argv[1] not in ("run", "eval", "report", "ablate", "list", "export") or any(s in line for s in NOT_RUN):
             continue
         if "--help" in argv:
             continue
@@ -167,5 +168,5 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
         if argv[1] == "run" and run_id is None:
             run_id = next(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
     ran = {argv[1] for _, argv in chosen}
-    assert ran == {"run", "eval", "report", "ablate", "list"}, f"README commands run here cover only {sorted(ran)}"
+    assert ran == {"run", "eval", "report", "ablate", "list", "export"}, f"README commands run here cover only {sorted(ran)}"
     assert (tmp_path / "leaderboards" / "tiny" / "main.md").is_file()  # the report of runs/leaderboard-smol-cpu

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from neobench.report import FORMATS, interval, render, select_comparable
-from neobench.results import COLUMNS, load_results, read_rows, write_rows
+from neobench.results import COLUMNS, load_curves, load_results, read_curves, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SCORES = {  # (task, metric): (untrained, teacher, higher_is_better)
@@ -158,7 +158,7 @@ def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path):
     for rows_file in boards:
         committed = rows_file.parent
         out = tmp_path / committed.name
-        render(read_rows(rows_file), committed.name, out)
+        render(read_rows(rows_file), committed.name, out, curves=read_curves(committed / "curves.jsonl"))
         for path in sorted(out.iterdir()):
             assert path.read_bytes() == (committed / path.name).read_bytes(), f"{committed.name}/{path.name} differs"
 
@@ -242,3 +242,20 @@ def test_committed_plots_label_every_point_apart():
         assert_identifiable(labels, points, ax.get_window_extent(fig.canvas.get_renderer()))
         plt.close(fig)
 
+
+
+def test_training_curves_come_from_the_train_logs_mean_over_seeds(matrix, tmp_path):
+    for run in matrix.iterdir():  # three steps per run; the loss falls with the step, seeds shift it
+        seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
+        (run / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 5.0 - s + seed, "ce": 6.0 - s, "kd": 0.0}) + "\n" for s in (1, 2, 3)
+        ))
+    curves = load_curves(matrix)
+    assert len(curves) == 15 * 3
+    lora = curves[curves["run_id"].str.contains("-lora-lora-")]
+    assert lora["kd"].isna().all(), "a method without a KD term has no KD curve (its log says 0)"
+    report = render(load_results(matrix), "p", tmp_path / "board", curves=curves)
+    assert tmp_path / "board" / "training_curves.png" in report.files
+    assert "![training curves](training_curves.png)" in (tmp_path / "board" / "README.md").read_text()
+    without = render(load_results(matrix), "p", tmp_path / "bare")
+    assert not (tmp_path / "bare" / "training_curves.png").exists() and without.files
