@@ -205,8 +205,9 @@ def model_card(run_dir: Path, cfg: RunConfig, kind: str, base: str) -> str:
     body = f"""
 # {metrics['run_id']}
 
-A student trained by [neobench](https://arxiv.org/abs/2411.06839) ({_method_words(cfg.method)}), exported by
-`neobench export` as {'a LoRA adapter' if kind == 'adapter' else 'a full model'}.
+A student trained by neobench, the benchmark suite for LLM-Neo ([arXiv 2411.06839](https://arxiv.org/abs/2411.06839))
+and its distillation baselines: {_method_words(cfg.method)}. Exported by `neobench export` as
+{'a LoRA adapter' if kind == 'adapter' else 'a full model'}.
 
 | | |
 |---|---|
@@ -215,7 +216,7 @@ A student trained by [neobench](https://arxiv.org/abs/2411.06839) ({_method_word
 | method | {label}{f", loss {cfg.loss}, kd_ratio {cfg.kd_ratio}, temperature {cfg.temperature}" if metrics.get('loss') else ''} |
 | adapter | {f"{variant}, rank {cfg.rank}, alpha {cfg.effective_alpha()}, targets {cfg.target_modules}" if variant else 'none (all weights trained)'} |
 | budget | {budget['steps']} optimizer steps x {budget['batch_size']} examples x {budget['grad_accum']} micro-batches, seq_len {budget['seq_len']}, {budget['tokens']:,} tokens |
-| data | `{cfg.train_data}` (split {cfg.train_split}), data hash `{budget['data_hash'][:12]}`; see the data set's card |
+| data | `{cfg.train_data}` (split {cfg.train_split}), data hash `{budget['data_hash'][:12]}`{_data_card(cfg.train_data)} |
 | cost | {cost['train_seconds']:.0f} s of training, peak memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB, {cost['device']}, {cost['dtype']} |
 
 ## Load it
@@ -238,6 +239,13 @@ neobench run --preset neobench_config.yaml
 ```
 """
     return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def _data_card(train_data: str) -> str:
+    from neobench.synth import PACKAGED_DATA_DIR
+
+    card = PACKAGED_DATA_DIR / train_data / "DATACARD.md"
+    return f"; its card: `neobench/data/{train_data}/DATACARD.md` in neobench" if card.is_file() else ""
 
 
 def _stderr_text(stderr) -> str:
