@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test bench leaderboard ablations report clean
+.PHONY: setup demo test test-postgres bench leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Ablations on a real PostgreSQL server: a throwaway cluster in a temp dir (the server is
+# installed from the system's packages if absent), the postgres-marked tests, then it is removed.
+test-postgres: $(STAMP)
+	$(PY) -m pip install --quiet "psycopg[binary]>=3.1"
+	tests/postgres/with_cluster.sh $(PY) -m pytest -q -m postgres tests/test_postgres.py
 
 # The committed leaderboards/smol-cpu/: the method matrix for 3 seeds, then lora and neo with
 # every other adapter variant, minillm, and neo with JSD from a top-64 teacher cache (seed 0),

@@ -412,7 +412,7 @@ def open_storage(url: str):
         except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
             hint = ""
             if isinstance(err, ImportError):
-                hint = "; PostgreSQL needs `pip install psycopg2-binary`, MySQL `pip install pymysql`"
+                hint = "; PostgreSQL needs `pip install 'psycopg[binary]'`, MySQL `pip install pymysql`"
             elif "parse" in str(err):
                 hint = "; give an Optuna storage URL such as sqlite:///path/study.db or postgresql://user@host/db"
             raise NeobenchError(f"cannot open study storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}{hint}") from None
@@ -516,7 +516,10 @@ def load_study(spec: StudySpec, study_name: str, storage_url: str, worker_index:
     import optuna
 
     storage = open_storage(storage_url)
-    sampler = SAMPLERS.get(spec.sampler)(spec, spec.seed + 1000 * worker_index)
+    # Workers draw different random/TPE points, but a grid sampler's seed fixes which point each
+    # grid id means (it shuffles the grid): every worker must share it, or ids collide across workers.
+    seed = spec.seed if spec.sampler == "grid" else spec.seed + 1000 * worker_index
+    sampler = SAMPLERS.get(spec.sampler)(spec, seed)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
                               pruner=PRUNERS.get(spec.pruner)(spec))
     return study, storage

@@ -294,3 +294,15 @@ def test_rendering_a_study_leaves_matplotlibs_style_alone(tmp_path):
     before = style()
     render(export, tmp_path)
     assert style() == before
+
+
+def test_every_worker_of_a_grid_study_reads_grid_ids_alike(tiny_preset, tmp_path):
+    """A grid sampler shuffles the grid with its seed; workers with different seeds would give one
+    grid id different points, so two workers could train the same point and skip another."""
+    from neobench.ablation import create_study, load_spec, load_study
+
+    spec = load_spec(str(write_study(tmp_path, "g", tiny_preset, space={"rank": {"type": "int", "low": 2, "high": 64, "log": True, "grid": [2, 4, 8, 16, 32, 64]}})))
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    create_study(spec, "g", url, "minimize", "test")
+    grids = [load_study(spec, "g", url, worker)[0].sampler._all_grids for worker in (1, 2, 3)]
+    assert grids[0] == grids[1] == grids[2]

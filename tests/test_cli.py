@@ -19,6 +19,23 @@ def neobench(*args, env=None, cwd=None):
     )
 
 
+def neobench_here(capsys, *args) -> tuple[int, str]:
+    """`neobench ARGS` in this process, through the same main() (exit code, stderr): for checks
+    that stop before any work, where a fresh interpreter would cost seconds per case."""
+    from neobench.cli import main
+
+    saved = sys.argv
+    sys.argv = ["neobench", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+    return code, capsys.readouterr().err
+
+
 def tiny_flags(tiny, runs_dir):
     return [
         "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--train-data", str(tiny["data"]),
@@ -66,11 +83,12 @@ def test_variant_alone_runs_llm_neo():
     (["--student", "./nowhere"], "model path './nowhere' does not exist"),
     (["--limit", "0"], "config field 'eval_limit' must be at least 1, got 0"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    result = neobench("run", *args, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = neobench_here(capsys, "run", *args, "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -162,24 +180,24 @@ def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path)
     ([], "give exactly one of --run RUN_ID or --model PATH_OR_ID"),
     (["--run", "nope"], "no run 'nope'"),
 ])
-def test_eval_bad_input_is_one_line(tmp_path, args, message):
-    result = neobench("eval", *args, "--runs-dir", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_eval_bad_input_is_one_line(tmp_path, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = neobench_here(capsys, "eval", *args, "--runs-dir", str(tmp_path))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
 
 
-def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny, tmp_path):
+def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg, tmp_path, capsys):
     """--tasks none means "not now": report says how to score the run, eval --run scores it on the
     preset's suite, and outside a terminal lm-eval's progress is one line per task, not tqdm bars."""
     runs = tmp_path / "runs"
-    trained = neobench("run", "--method", "lora", *tiny_flags(tiny, runs))
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    execute(dataclasses.replace(tiny_cfg, method="lora", variant="lora", preset="smol-cpu", max_steps=2))
     (run,) = runs.iterdir()
 
-    unscored = neobench("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
-    assert unscored.returncode == 2
-    assert unscored.stderr.strip() == (
+    code, stderr = neobench_here(capsys, "report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    assert code == 2
+    assert " ".join(stderr.split()) == (
         f"error: found 1 run under {runs}/, but it has no evaluation yet (trained with --tasks none?); score it "
         f"with `neobench eval --run {run}`, then run `neobench report --runs {runs}` again; nothing to report until one is scored"
     )
@@ -194,6 +212,6 @@ def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny, tmp
                  "neo_pydoc_bpb: 6 loglikelihood_rolling requests in"):
         assert line in scored.stderr, scored.stderr
 
-    reported = neobench("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
-    assert reported.returncode == 0, reported.stderr
-    assert "collected 1 runs of smol-cpu" in reported.stderr
+    code, stderr = neobench_here(capsys, "report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    assert code == 0, stderr
+    assert "collected 1 runs of smol-cpu" in stderr

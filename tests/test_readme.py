@@ -23,13 +23,15 @@ PLACEHOLDERS = {"RUN_ID": "RUN_ID", "V": ["dora", "pissa", "rslora", "moslora"]}
 
 
 def readme_commands() -> list[tuple[int, list[str]]]:
-    """(line number, argv) of every neobench/make command in README.md's fenced code blocks."""
-    commands, fenced = [], False
+    """(line number, argv) of every neobench/make command in README.md's fenced code blocks
+    (shell blocks: a ```text block shows output, not commands)."""
+    commands, fenced, shell = [], False, False
     for number, line in enumerate(README.read_text().splitlines(), 1):
         if line.startswith("```"):
             fenced = not fenced
+            shell = fenced and line.strip("`").strip() in ("", "bash", "sh", "shell", "console")
             continue
-        if fenced and re.match(r"\s*(neobench|make)\s", line + " "):
+        if shell and re.match(r"\s*(neobench|make)\s", line + " "):
             argv = shlex.split(line, comments=True)
             if "V" in argv:
                 commands += [(number, [v if a == "V" else a for a in argv]) for v in PLACEHOLDERS["V"]]
