@@ -114,3 +114,30 @@ def isolated_cache(tmp_path, monkeypatch, request):
     """Every test but the embedded-default ones gets its own empty neobench cache."""
     if "embedded" not in request.keywords:
         monkeypatch.setenv("NEOBENCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """`neobench ARGS` in this process, through the same main(): returns (exit code, stderr).
+
+    For commands whose work is checking and reporting: a fresh interpreter costs seconds of
+    imports per call. Commands that train use a subprocess, where the process boundary matters.
+    """
+    import sys
+
+    from neobench.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        capsys.readouterr()  # drop what came before
+        saved = sys.argv
+        sys.argv = ["neobench", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            sys.argv = saved
+        return code, capsys.readouterr().err
+
+    return run

@@ -107,7 +107,7 @@ def test_a_malformed_study_file_fails_in_one_line_naming_the_field(tiny_preset, 
     assert "\n" not in str(err.value)
 
 
-def test_the_cli_reports_a_malformed_study_in_one_line_and_starts_nothing(tiny_preset, tmp_path):
+def test_the_cli_reports_a_malformed_study_in_one_line_and_starts_nothing(tiny_preset, tmp_path, cli):
     cases = {
         "space.ranks": {"space": {"ranks": {"type": "int", "low": 2, "high": 8}}},
         "space.rank.high": {"space": {"rank": {"type": "int", "low": 16, "high": 2, "grid": [2]}}},
@@ -115,23 +115,23 @@ def test_the_cli_reports_a_malformed_study_in_one_line_and_starts_nothing(tiny_p
     }
     for field, changes in cases.items():
         path = write_study(tmp_path, "bad", tiny_preset, **changes)
-        result = neobench("ablate", str(path), "--runs-dir", str(tmp_path / "runs"))
-        assert result.returncode == 2
-        lines = [l for l in result.stderr.splitlines() if l.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and f"'{field}'" in lines[0], result.stderr[-2000:]
+        code, stderr = cli("ablate", str(path), "--runs-dir", str(tmp_path / "runs"))
+        assert code == 2
+        lines = [l for l in stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and f"'{field}'" in lines[0], stderr[-2000:]
         assert not (tmp_path / "runs").exists(), "a bad study file must not start anything"
 
 
-def test_an_unknown_study_name_lists_the_valid_ones():
-    result = neobench("ablate", "ranks")
-    assert result.returncode == 2
-    assert "unknown study 'ranks'" in result.stderr and "kd_ratio" in result.stderr
+def test_an_unknown_study_name_lists_the_valid_ones(cli):
+    code, stderr = cli("ablate", "ranks")
+    assert code == 2
+    assert "unknown study 'ranks'" in stderr and "kd_ratio" in stderr
 
 
 # --- running studies -----------------------------------------------------------------------------
 
 
-def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, tmp_path):
+def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, tmp_path, cli):
     study = write_study(tmp_path, "tinyrank", tiny_preset)
     runs, out = tmp_path / "runs", tmp_path / "leaderboards"
     result = neobench("ablate", str(study), "--out", str(out))
@@ -161,14 +161,14 @@ def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, t
     # `neobench report` collects the trials as runs (left out of the main tables) and rebuilds the
     # ablation files from the stored trials alone, byte for byte.
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    result = neobench("report", "--runs", str(runs), "--out", str(out), "--format", "md")
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "tiny: only ablation trials" in result.stderr and "ablations: 1 study" in result.stderr
+    code, stderr = cli("report", "--runs", str(runs), "--out", str(out), "--format", "md")
+    assert code == 0, stderr[-3000:]
+    assert "tiny: only ablation trials" in stderr and "ablations: 1 study" in stderr
     collected = [json.loads(l) for l in (out / "tiny" / "results.jsonl").read_text().splitlines()]
     assert {(r["study"], r["trial"]) for r in collected if r["model"] == "student"} == {("tinyrank", t.number) for t in trials}
     (runs / "ablations.db").rename(tmp_path / "elsewhere.db")
-    result = neobench("report", "--runs", str(tmp_path / "nothing"), "--out", str(out), "--format", "md")
-    assert result.returncode == 0, result.stdout[-3000:]
+    code, stderr = cli("report", "--runs", str(tmp_path / "nothing"), "--out", str(out), "--format", "md")
+    assert code == 0, stderr[-3000:]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
     # Asking again for the same number of trials finds the study done: nothing more is trained.

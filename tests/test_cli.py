@@ -19,23 +19,6 @@ def neobench(*args, env=None, cwd=None):
     )
 
 
-def neobench_here(capsys, *args) -> tuple[int, str]:
-    """`neobench ARGS` in this process, through the same main() (exit code, stderr): for checks
-    that stop before any work, where a fresh interpreter would cost seconds per case."""
-    from neobench.cli import main
-
-    saved = sys.argv
-    sys.argv = ["neobench", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = saved
-    return code, capsys.readouterr().err
-
-
 def tiny_flags(tiny, runs_dir):
     return [
         "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--train-data", str(tiny["data"]),
@@ -83,9 +66,9 @@ def test_variant_alone_runs_llm_neo():
     (["--student", "./nowhere"], "model path './nowhere' does not exist"),
     (["--limit", "0"], "config field 'eval_limit' must be at least 1, got 0"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, stderr = neobench_here(capsys, "run", *args, "--runs-dir", str(tmp_path / "runs"))
+    code, stderr = cli("run", *args, "--runs-dir", str(tmp_path / "runs"))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
@@ -105,12 +88,12 @@ def test_a_run_that_dies_leaves_nothing_behind(tiny_cfg, monkeypatch):
     assert not os.path.exists(runs_dir) or os.listdir(runs_dir) == []
 
 
-def test_list_shows_every_registry():
-    result = neobench("list")
-    assert result.returncode == 0
+def test_list_shows_every_registry(cli):
+    code, stderr = cli("list")
+    assert code == 0
     for name in ("sft", "lora", "kd", "neo", "dora", "pissa", "rslora", "moslora", "forward_kl", "smol-cpu", "paper-llama3.2",
                  "neo_heldout_nll", "neo_heldout_match", "neo_pydoc_bpb", "neo_fidelity", "neo_suite"):
-        assert name in result.stderr
+        assert name in stderr
 
 
 def test_shipped_data_matches_its_card():
@@ -157,7 +140,7 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
     assert list((tmp_path / "runs").iterdir()) == []
 
 
-def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path):
+def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path, cli, monkeypatch):
     flags = tiny_flags(tiny, tmp_path / "runs")
     flags[flags.index("--tasks") + 1] = "neo_heldout_nll,neo_fidelity"
     result = neobench("run", "--variant", "lora", *flags)
@@ -168,11 +151,11 @@ def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path)
     assert "trained_weights.safetensors" in {p.name for p in before}
 
     # A standard task whose data cannot be had: one line naming the data set, the run untouched.
-    missing = neobench("eval", "--run", run.name, "--runs-dir", str(tmp_path / "runs"), "--tasks", "arc_easy",
-                       env={"HF_DATASETS_CACHE": str(tmp_path / "empty-cache")})
-    assert missing.returncode == 2
-    lines = missing.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: task 'arc_easy' needs the data set allenai/ai2_arc"), missing.stderr
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    code, stderr = cli("eval", "--run", run.name, "--runs-dir", str(tmp_path / "runs"), "--tasks", "arc_easy")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: task 'arc_easy' needs the data set allenai/ai2_arc"), stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
@@ -180,22 +163,22 @@ def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path)
     ([], "give exactly one of --run RUN_ID or --model PATH_OR_ID"),
     (["--run", "nope"], "no run 'nope'"),
 ])
-def test_eval_bad_input_is_one_line(tmp_path, args, message, capsys, monkeypatch):
+def test_eval_bad_input_is_one_line(tmp_path, args, message, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, stderr = neobench_here(capsys, "eval", *args, "--runs-dir", str(tmp_path))
+    code, stderr = cli("eval", *args, "--runs-dir", str(tmp_path))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
 
 
-def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg, tmp_path, capsys):
+def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg, tmp_path, cli):
     """--tasks none means "not now": report says how to score the run, eval --run scores it on the
     preset's suite, and outside a terminal lm-eval's progress is one line per task, not tqdm bars."""
     runs = tmp_path / "runs"
     execute(dataclasses.replace(tiny_cfg, method="lora", variant="lora", preset="smol-cpu", max_steps=2))
     (run,) = runs.iterdir()
 
-    code, stderr = neobench_here(capsys, "report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    code, stderr = cli("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
     assert code == 2
     assert " ".join(stderr.split()) == (
         f"error: found 1 run under {runs}/, but it has no evaluation yet (trained with --tasks none?); score it "
@@ -212,6 +195,6 @@ def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg,
                  "neo_pydoc_bpb: 6 loglikelihood_rolling requests in"):
         assert line in scored.stderr, scored.stderr
 
-    code, stderr = neobench_here(capsys, "report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
+    code, stderr = cli("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
     assert code == 0, stderr
     assert "collected 1 runs of smol-cpu" in stderr

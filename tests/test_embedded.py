@@ -37,6 +37,27 @@ def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path):
     assert len(scores) == 7 and all(r["n_docs"] == 4 for r in roles["student"]["rows"])
     assert "scores (± stderr)" in result.stderr
 
+    # Exported as a peft adapter with its pruned base beside it, it loads without neobench and is the run's student.
+    import torch
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from neobench.config import load_preset
+    from neobench.export import export_run
+    from neobench.train import WEIGHTS_FILE, load_trained_student, prepare
+
+    export_run(run.name, str(tmp_path / "runs"), tmp_path / "student")
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "student" / "base_model"), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "student")).eval()
+    cfg = load_preset(str(run / "config.yaml"))
+    ours = load_trained_student(cfg, prepare(cfg, need_teacher=False), run / WEIGHTS_FILE)
+    ids = torch.tensor([[1, 4093, 314, 253, 1231, 30, 2]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, ours(ids).logits, atol=1e-4)
+    card = ModelCard((tmp_path / "student" / "README.md").read_text())
+    assert {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results} == scores
+
 
 def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
     """One step of each method and each variant on the real models, in-process; step 1's loss (before any

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -163,18 +161,15 @@ def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path):
             assert path.read_bytes() == (committed / path.name).read_bytes(), f"{committed.name}/{path.name} differs"
 
 
-def test_report_command_and_its_errors(matrix, tmp_path):
-    def neobench(*args):
-        return subprocess.run([sys.executable, "-m", "neobench.cli", "report", *args], capture_output=True, text=True)
-
-    ok = neobench("--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,csv")
-    assert ok.returncode == 0, ok.stderr
+def test_report_command_and_its_errors(matrix, tmp_path, cli):
+    code, stderr = cli("report", "--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,csv")
+    assert code == 0, stderr
     assert (tmp_path / "lb" / "p" / "main.md").is_file() and not (tmp_path / "lb" / "p" / "main.tex").exists()
     assert (tmp_path / "lb" / "p" / "results.jsonl").is_file()
-    bad = neobench("--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,pdf")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown format 'pdf'; valid: md, csv, html, tex"
-    empty = neobench("--runs", str(tmp_path / "none"), "--out", str(tmp_path / "nothing"))
-    assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1
+    code, stderr = cli("report", "--runs", str(matrix), "--out", str(tmp_path / "lb"), "--format", "md,pdf")
+    assert code == 2 and stderr.strip() == "error: unknown format 'pdf'; valid: md, csv, html, tex"
+    code, stderr = cli("report", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "nothing"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
 
 
 def label_boxes(labels):
