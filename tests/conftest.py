@@ -117,18 +117,19 @@ def isolated_cache(tmp_path, monkeypatch, request):
 
 
 @pytest.fixture
-def cli(capsys):
+def cli(capfd):
     """`neobench ARGS` in this process, through the same main(): returns (exit code, stderr).
 
-    For commands whose work is checking and reporting: a fresh interpreter costs seconds of
-    imports per call. Commands that train use a subprocess, where the process boundary matters.
+    A fresh interpreter costs seconds of imports per call. The output is captured at the file
+    descriptor, so it includes what child processes (the runs of a matrix) print, and stderr is
+    not a terminal, as in CI.
     """
     import sys
 
     from neobench.cli import main
 
     def run(*args: str) -> tuple[int, str]:
-        capsys.readouterr()  # drop what came before
+        capfd.readouterr()  # drop what came before
         saved = sys.argv
         sys.argv = ["neobench", *args]
         try:
@@ -138,6 +139,6 @@ def cli(capsys):
             code = stop.code if isinstance(stop.code, int) else 1
         finally:
             sys.argv = saved
-        return code, capsys.readouterr().err
+        return code, capfd.readouterr().err
 
     return run

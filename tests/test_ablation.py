@@ -134,8 +134,8 @@ def test_an_unknown_study_name_lists_the_valid_ones(cli):
 def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, tmp_path, cli):
     study = write_study(tmp_path, "tinyrank", tiny_preset)
     runs, out = tmp_path / "runs", tmp_path / "leaderboards"
-    result = neobench("ablate", str(study), "--out", str(out))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stderr = cli("ablate", str(study), "--out", str(out))  # each trial still trains in its own process
+    assert code == 0, stderr[-3000:]
 
     trials = trials_in(runs / "ablations.db", "tinyrank")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
@@ -173,19 +173,19 @@ def test_a_three_trial_study_runs_end_to_end_and_writes_its_table(tiny_preset, t
 
     # Asking again for the same number of trials finds the study done: nothing more is trained.
     (tmp_path / "elsewhere.db").rename(runs / "ablations.db")
-    result = neobench("ablate", str(study), "--no-report")
-    assert result.returncode == 0 and "3 of 3 trials already there" in " ".join(result.stderr.split())
+    code, stderr = cli("ablate", str(study), "--no-report")
+    assert code == 0 and "3 of 3 trials already there" in " ".join(stderr.split())
     assert len(run_configs(runs)) == 3
 
 
-def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_path):
+def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_path, cli):
     study = write_study(
         tmp_path, "pair", tiny_preset, sampler="random", trials=3,
         space={"kd_ratio": {"type": "float", "low": 0.0, "high": 1.0}},
     )
     runs = tmp_path / "runs"
-    result = neobench("ablate", str(study), "--workers", "2", "--no-report")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stderr = cli("ablate", str(study), "--workers", "2", "--no-report")
+    assert code == 0, stderr[-3000:]
     trials = trials_in(runs / "ablations.db", "pair")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3
@@ -197,7 +197,7 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_pat
     assert len({c["kd_ratio"] for c in configs}) == 3
 
 
-def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path):
+def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path, cli):
     study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24})
     runs = tmp_path / "runs"
     storage = runs / "ablations.db"
@@ -224,9 +224,9 @@ def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, t
     assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"], "killed while the second trial trained"
     killed_params = trials[1].params
 
-    result = neobench("ablate", str(study), "--no-report")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "re-queued trial" in result.stderr
+    code, stderr = cli("ablate", str(study), "--no-report")
+    assert code == 0, stderr[-3000:]
+    assert "re-queued trial" in stderr
     trials = trials_in(storage, "resume")
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states

@@ -27,9 +27,9 @@ def tiny_flags(tiny, runs_dir):
     ]
 
 
-def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path):
-    result = neobench("run", *tiny_flags(tiny, tmp_path / "runs"))
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path, cli):
+    code, stderr = cli("run", *tiny_flags(tiny, tmp_path / "runs"))  # the parent here; each run in its own process
+    assert code == 0, stderr[-2000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert not [r for r in runs if r.name.startswith(".")], "no temp directories may remain"
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
@@ -45,7 +45,7 @@ def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path):
         assert key in m
     for key in ("train_seconds", "seconds_per_step", "tokens_per_second", "peak_memory_bytes", "trainable_params", "total_params"):
         assert m["cost"][key] > 0
-    assert "neobench runs" in result.stderr  # the summary table
+    assert "neobench runs" in stderr  # the summary table
 
 
 def test_variant_alone_runs_llm_neo():
@@ -143,9 +143,9 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
 def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path, cli, monkeypatch):
     flags = tiny_flags(tiny, tmp_path / "runs")
     flags[flags.index("--tasks") + 1] = "neo_heldout_nll,neo_fidelity"
-    result = neobench("run", "--variant", "lora", *flags)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "scores (± stderr)" in result.stderr and "untrained" in result.stderr and "teacher" in result.stderr
+    code, stderr = cli("run", "--variant", "lora", *flags)
+    assert code == 0, stderr[-2000:]
+    assert "scores (± stderr)" in stderr and "untrained" in stderr and "teacher" in stderr
     (run,) = (tmp_path / "runs").iterdir()
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert "trained_weights.safetensors" in {p.name for p in before}
@@ -185,15 +185,15 @@ def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg,
         f"with `neobench eval --run {run}`, then run `neobench report --runs {runs}` again; nothing to report until one is scored"
     )
 
-    scored = neobench("eval", "--run", str(run))  # stderr is a pipe here, as in CI or `make demo > log`
-    assert scored.returncode == 0, scored.stderr[-2000:]
+    code, scored = cli("eval", "--run", str(run))  # stderr is not a terminal here, as in CI or `make demo > log`
+    assert code == 0, scored[-2000:]
     (evaluation,) = (run / "evaluations").glob("*.json")
     tasks = {r["task"] for e in json.loads(evaluation.read_text())["evaluations"] if e["role"] == "student" for r in e["rows"]}
     assert tasks == {"neo_heldout_nll", "neo_heldout_match", "neo_pydoc_bpb", "neo_fidelity"}  # smol-cpu's neo_suite
-    assert "\r" not in scored.stderr and "it/s" not in scored.stderr, "tqdm bars leaked into a non-terminal"
+    assert "\r" not in scored and "it/s" not in scored, "tqdm bars leaked into a non-terminal"
     for line in ("neo_heldout_nll: 6 loglikelihood requests in", "neo_heldout_match: 24 loglikelihood requests in",
                  "neo_pydoc_bpb: 6 loglikelihood_rolling requests in"):
-        assert line in scored.stderr, scored.stderr
+        assert line in scored, scored
 
     code, stderr = cli("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
     assert code == 0, stderr

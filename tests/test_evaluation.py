@@ -94,16 +94,14 @@ def test_pydoc_windows_are_fixed_in_length_and_number():
     assert windows == pydoc_windows()
 
 
-def test_missing_standard_task_data_names_the_data_set(tiny, tmp_path, monkeypatch):
+def test_standard_tasks_are_checked_in_one_line_missing_data_and_typos(tiny, tmp_path, monkeypatch):
+    """One test for both, since each load of lm-eval's full task index costs ~13 s."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-datasets-cache"))
     with pytest.raises(NeobenchError) as err:
         load_tasks(EvalSpec(tasks=("arc_easy",)), str(tiny["student"]))
     message = str(err.value)
     assert "'arc_easy'" in message and "allenai/ai2_arc" in message and "load_dataset" in message
     assert "\n" not in message
-
-
-def test_unknown_task_suggests_close_names(tiny):
     with pytest.raises(NeobenchError, match=r"unknown task 'arc_esay'; did you mean arc_easy"):
         load_tasks(EvalSpec(tasks=("arc_esay",)), str(tiny["student"]))
 
