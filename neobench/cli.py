@@ -285,7 +285,8 @@ def report(
     """
     from neobench.report import FORMATS
     from neobench.results import (
-        load_curves, load_results, read_curves, read_rows, run_dirs, tidy, tidy_curves, write_curves, write_rows,
+        load_curves, load_results, read_curves, read_rows, replace_runs, run_dirs, tidy, tidy_curves, write_curves,
+        write_rows,
     )
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
@@ -300,13 +301,10 @@ def report(
     fresh_curves = load_curves(runs)
     for name, rows in fresh.groupby("preset", sort=True):
         path = out / name / "results.jsonl"
-        old = read_rows(path) if path.is_file() else rows.iloc[0:0]
-        merged = tidy([*old[~old["run_id"].isin(set(rows["run_id"]))].to_dict("records"), *rows.to_dict("records")])
-        write_rows(merged, path)
+        write_rows(replace_runs(read_rows(path) if path.is_file() else rows.iloc[0:0], rows, tidy), path)
         curves = fresh_curves[fresh_curves["run_id"].isin(set(rows["run_id"]))]
-        old_curves = read_curves(out / name / "curves.jsonl")
-        write_curves(tidy_curves([*old_curves[~old_curves["run_id"].isin(set(rows["run_id"]))].to_dict("records"),
-                                  *curves.to_dict("records")]), out / name / "curves.jsonl")
+        curves_path = out / name / "curves.jsonl"
+        write_curves(replace_runs(read_curves(curves_path), curves, tidy_curves), curves_path)
         console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if unscored:

@@ -265,8 +265,10 @@ def preset_tasks(preset: str) -> str:
     """The evaluation tasks of a packaged preset (the default suite for a preset file that is gone)."""
     from neobench.config import PRESETS, load_preset
 
+    from neobench.evaluation import parse_task_list
+
     tasks = load_preset(preset).eval_tasks if preset in PRESETS else RunConfig.eval_tasks
-    return RunConfig.eval_tasks if tasks == "none" else tasks
+    return tasks if parse_task_list(tasks) else RunConfig.eval_tasks
 
 
 def evaluate_model(model: str, preset: str, eval_overrides: dict) -> dict:

@@ -17,7 +17,6 @@ MoSLoRA with its mixer folded in (B' = B M, exact). DoRA keeps its magnitude vec
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -61,6 +60,7 @@ def export_run(run: str, runs_dir: str, out: Path, merged: bool = False) -> dict
         else:
             save_merged(student, ws.tokenizer, staging)
             base = base_reference(cfg, ws)
+            base = None if base == BASE_DIR else base  # a merged model ships no base: it is complete
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (staging / "README.md").write_text(model_card(run_dir, cfg, kind, base))
         if out.exists():
@@ -90,7 +90,7 @@ def save_adapter(student, cfg: RunConfig, ws, out: Path) -> str:
     base = base_reference(cfg, ws)
     if base == BASE_DIR:
         shutil.copytree(ws.student_path, out / BASE_DIR)
-    adapter = copy.deepcopy(student)
+    adapter = student  # loaded for this export alone: folding the mixers in place costs no copy
     variant = cfg.effective_variant()
     if variant == "moslora":
         fold_mixers(adapter)
@@ -114,21 +114,18 @@ def save_adapter(student, cfg: RunConfig, ws, out: Path) -> str:
     return base
 
 
-def fold_mixers(peft_model) -> int:
+def fold_mixers(peft_model) -> None:
     """Replace every MoSLoRA up-projection B (with mixer M) by a plain Linear holding B M (exact)."""
     from torch import nn
 
     from neobench.adapters import MixedLoraB
 
-    count = 0
     for module in peft_model.modules():
         for name, child in list(getattr(module, "lora_B", {}).items()):
             if isinstance(child, MixedLoraB):
                 plain = nn.Linear(child.lora_b.in_features, child.lora_b.out_features, bias=False)
                 plain.weight = nn.Parameter(child.weight.detach().clone())
                 module.lora_B[name] = plain
-                count += 1
-    return count
 
 
 def save_merged(student, tokenizer, out: Path) -> None:
@@ -164,7 +161,7 @@ def student_scores(run_dir: Path) -> list[dict]:
     return list(rows.values())
 
 
-def model_card(run_dir: Path, cfg: RunConfig, kind: str, base: str) -> str:
+def model_card(run_dir: Path, cfg: RunConfig, kind: str, base: str | None) -> str:
     """README.md with the Hub's YAML front matter (base_model, tags, datasets, model-index) and the run's story."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -187,18 +184,19 @@ def model_card(run_dir: Path, cfg: RunConfig, kind: str, base: str) -> str:
         pipeline_tag="text-generation",
     )
     budget, cost = metrics["budget"], metrics["cost"]
-    how_to_load = {
-        "adapter": (
+    if kind == "adapter":
+        how_to_load = (
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f"base = AutoModelForCausalLM.from_pretrained({_base_expr(base)})\n"
             "model = PeftModel.from_pretrained(base, \"THIS_DIR\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained({_base_expr(base)})\n```\n"
-        ),
-    }.get(kind, (
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")\ntokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n```\n\n"
-        "or score it with lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=THIS_DIR --tasks ...`\n"
-    ))
+        )
+    else:
+        how_to_load = (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")\ntokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")\n```\n\n"
+            "or score it with lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=THIS_DIR --tasks ...`\n"
+        )
     table = "\n".join(
         f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {_stderr_text(r.get('stderr'))} |" for r in scores
     )

@@ -121,16 +121,18 @@ def tidy_curves(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_curves(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({c: _plain(row[c]) for c in CURVE_COLUMNS}) for _, row in frame.iterrows()]
-    path.write_text("".join(line + "\n" for line in lines))
+    _write_jsonl(frame, CURVE_COLUMNS, path)
 
 
 def read_curves(path: Path) -> pd.DataFrame:
     """A leaderboard's curves.jsonl; no file gives no rows (boards made before curves were kept)."""
-    if not path.is_file():
-        return tidy_curves([])
-    return tidy_curves(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return tidy_curves(_read_jsonl(path) if path.is_file() else [])
+
+
+def replace_runs(old: pd.DataFrame, new: pd.DataFrame, tidy_rows) -> pd.DataFrame:
+    """``old`` rows with every run of ``new`` replaced by its rows there (a run collected again wins)."""
+    kept = old[~old["run_id"].isin(set(new["run_id"]))]
+    return tidy_rows([*kept.to_dict("records"), *new.to_dict("records")])
 
 
 INTEGER_COLUMNS = ["seed", "steps", "tokens", "seq_len", "batch_size", "grad_accum", "n_docs", "limit", "num_fewshot",
@@ -155,15 +157,23 @@ def tidy(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 def write_rows(frame: pd.DataFrame, path: Path) -> None:
     """JSON Lines, one object per row, keys in COLUMNS order: the committed, diffable source of a leaderboard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({c: _plain(row[c]) for c in COLUMNS}) for _, row in frame.iterrows()]
-    path.write_text("".join(line + "\n" for line in lines))
+    _write_jsonl(frame, COLUMNS, path)
 
 
 def read_rows(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise NeobenchError(f"no results file {path}; run `neobench report --runs RUNS_DIR` after `neobench run`")
-    return tidy(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return tidy(_read_jsonl(path))
+
+
+def _write_jsonl(frame: pd.DataFrame, columns: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({c: _plain(row[c]) for c in columns}) for _, row in frame.iterrows()]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _plain(value: Any) -> Any:
