@@ -24,6 +24,7 @@ WHAT, MODELS, DATA, BUDGET, OPTIM, ADAPTER, KD, MINILLM, EVAL, SYSTEM = (
     "What to train", "Models", "Data", "Budget (shared by every method)", "Optimisation", "Adapter",
     "Distillation", "MiniLLM (on-policy)", "Evaluation (lm-evaluation-harness)", "System",
 )
+SCALE = "Processes and checkpoints"
 TASKS_HELP = "Comma-separated: neo_suite (the offline suite), its tasks, any lm-eval task (arc_easy, mmlu, ...), or none."
 
 
@@ -49,6 +50,7 @@ def run(
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off).", rich_help_panel=OPTIM),
+    optimizer: Optional[str] = typer.Option(None, help="adamw (default) or sgd.", rich_help_panel=OPTIM),
     rank: Optional[int] = typer.Option(None, help="Adapter rank.", rich_help_panel=ADAPTER),
     alpha: Optional[float] = typer.Option(None, help="Adapter alpha (default 2 x rank).", rich_help_panel=ADAPTER),
     dropout: Optional[float] = typer.Option(None, help="Adapter dropout.", rich_help_panel=ADAPTER),
@@ -74,6 +76,10 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N].", rich_help_panel=SYSTEM),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 where the device computes it natively: CUDA, CPUs with AVX-512 BF16/AMX; else fp32), float32 or bfloat16 (mixed precision: fp32 master weights and losses).", rich_help_panel=SYSTEM),
     runs_dir: Optional[str] = typer.Option(None, help="Where run directories are written (default: runs).", rich_help_panel=SYSTEM),
+    nproc: int = typer.Option(1, min=1, help="Processes per run, launched with torchrun on this machine (one per GPU; gloo on CPU). Under torchrun, leave it out.", rich_help_panel=SCALE),
+    strategy: Optional[str] = typer.Option(None, help="With several processes: ddp (whole student per rank) or fsdp (FSDP2, sharded).", rich_help_panel=SCALE),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps and on SIGTERM/SIGINT (0: never); --resume continues.", rich_help_panel=SCALE),
+    resume: Optional[str] = typer.Option(None, help="Continue the unfinished run RUN_ID (under --runs-dir) from its last checkpoint, as it was configured.", rich_help_panel=SCALE),
     save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` and `neobench export` (default: on).", show_default=False, rich_help_panel=SYSTEM),
     log_to: Optional[str] = typer.Option(None, help="Also log training scalars while training: none or tensorboard (RUN_DIR/tensorboard/; needs `pip install tensorboard`).", rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),
@@ -86,6 +92,8 @@ def run(
     neobench run --method kd             one baseline
     neobench run                         the matrix: sft, lora, kd, neo under one budget
     neobench run --seeds 3               the matrix for seeds 0, 1, 2
+    neobench run --method kd --nproc 2   one run on 2 processes (torchrun; same budget as 1 process)
+    neobench run --save-every 50         checkpoints; after a kill: neobench run --resume RUN_ID
 
     Flags left out take the preset's values (`neobench list --fields` shows every field).
     Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json,
@@ -105,19 +113,37 @@ def run(
         "loss_chunk_tokens": loss_chunk_tokens, "teacher_cache": teacher_cache,
         "minillm_max_new_tokens": minillm_max_new_tokens, "minillm_temperature": minillm_temperature,
         "minillm_gold_fraction": minillm_gold_fraction, "minillm_ce_weight": minillm_ce_weight, "seed": seed, "device": device, "dtype": dtype, "runs_dir": runs_dir,
+        "optimizer": optimizer, "strategy": strategy, "save_every": save_every,
         "save_weights": save_weights, "log_to": log_to, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
-    base = apply_overrides(load_preset(preset), {k: v for k, v in flags.items() if v is not None}, "command-line flags")
+    from neobench.distributed import close, launched_world
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    under_torchrun = launched_world().distributed
+    if nproc > 1 and under_torchrun:
+        raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
+    if resume is not None:
+        resume_run(resume, runs_dir or "runs", given, (method, variant, seeds, preset), nproc, run_id is not None)
+        return
+    base = apply_overrides(load_preset(preset), given, "command-line flags")
+    world = launched_world()
     try:
         if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
             run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
-        results = execute_many(plan(base, method, variant, seeds))
+        if under_torchrun:  # every rank runs the plan in this process
+            results = [r for cfg in plan(base, method, variant, seeds) if (r := execute(cfg))]
+        else:
+            results = execute_many(plan(base, method, variant, seeds), nproc)
     except KeyboardInterrupt:
-        if run_id is None:  # the parent speaks for both
-            console.print(f"interrupted: the unfinished run was discarded; finished runs stay in {base.runs_dir}/")
+        if run_id is None and world.main:  # the parent speaks for both
+            console.print(f"interrupted; finished runs stay in {base.runs_dir}/")
         raise typer.Exit(130) from None
+    finally:
+        close(world)
+    if not world.main:
+        return
     console.print(summary_table(results))
     for r in results:
         console.print(f"  {r['run_dir']}", highlight=False)
@@ -127,11 +153,64 @@ def run(
             console.print(scores)
 
 
+def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int, is_child: bool) -> None:
+    """`neobench run --resume RUN_ID`: continue an unfinished run as it was configured."""
+    from neobench.config import load_preset, validate
+    from neobench.distributed import close, launched_world
+    from neobench.experiment import execute, run_in_child
+    from neobench.runs import unfinished_run
+
+    extra = sorted(k for k in given if k != "runs_dir")
+    method, variant, seeds, preset = choices
+    if extra or method or variant or seeds != 1 or preset != "smol-cpu":
+        what = extra[0].replace("_", "-") if extra else "method/variant/seeds/preset"
+        raise NeobenchError(f"--resume continues a run as it was configured; drop --{what} (only --runs-dir and --nproc go with it)")
+    tmp = unfinished_run(runs_dir, run)
+    cfg = validate(load_preset(str(tmp / "config.yaml")))
+    run_id = tmp.name.removeprefix(".tmp-")
+    world = launched_world()
+    if nproc > 1:
+        code = run_in_child(cfg, run_id, ("--resume", run_id, "--runs-dir", runs_dir), nproc=nproc, resolved=False)
+        if code != 0:
+            raise typer.Exit(code)
+        return
+    try:
+        interrupted_exits(lambda: execute(cfg, run_id=run_id, resume=True), cfg, run_id)
+    finally:
+        close(world)
+
+
+def interrupted_exits(work, cfg, run_id: str):
+    """Run ``work``; a stop signal ends the process with one line saying whether and how it can resume."""
+    from neobench.train import Diverged, Interrupted
+
+    try:
+        return work()
+    except Interrupted as stop:
+        if stop.checkpoint is not None:
+            console.print(
+                f"stopped after step {stop.step}; checkpoint in {stop.checkpoint}; continue with "
+                f"`neobench run --resume {run_id} --runs-dir {cfg.runs_dir}`", highlight=False, soft_wrap=True,
+            )
+        else:
+            console.print(f"stopped after step {stop.step}; the unfinished run was discarded (no --save-every)", highlight=False)
+        raise typer.Exit(130) from None
+    except Diverged as err:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(DIVERGED_EXIT) from None
+
+
+DIVERGED_EXIT = 4
+"""Exit code of a run that diverged (an ablation marks its trial FAIL and does not retry it)."""
+
+
 def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
     from neobench.experiment import execute
 
     if optuna_trial is None:
-        execute(cfg, run_id=run_id)
+        interrupted_exits(lambda: execute(cfg, run_id=run_id), cfg, run_id)
         return
     import json
 
@@ -140,7 +219,7 @@ def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
     from neobench.ablation import PRUNED_EXIT, trial_reporter
 
     try:
-        execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial)))
+        interrupted_exits(lambda: execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial))), cfg, run_id)
     except optuna.TrialPruned as pruned:
         console.print(f"trial {cfg.trial}: {pruned}; its run was discarded", highlight=False)
         raise typer.Exit(PRUNED_EXIT) from None

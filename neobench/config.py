@@ -72,6 +72,8 @@ class RunConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping)."""
+    optimizer: str = "adamw"
+    """Optimizer of the trained weights: adamw, or sgd (plain; what the multi-process equality tests use)."""
 
     # --- adapters -------------------------------------------------------------------------
     rank: int = 16
@@ -128,6 +130,10 @@ class RunConfig:
     """auto, cpu or cuda[:N]."""
     dtype: str = "auto"
     """auto (bf16 where the device has native bf16: CUDA, CPUs with AVX-512 BF16 or AMX; else fp32), float32 or bfloat16 (mixed precision, see neobench.precision)."""
+    strategy: str = "ddp"
+    """With several processes (torchrun): ddp (whole student per rank) or fsdp (FSDP2, sharded); see neobench.distributed."""
+    save_every: int = 0
+    """Write a checkpoint every K optimizer steps, and on SIGTERM/SIGINT, inside the unfinished run (0: none); `neobench run --resume RUN_ID` continues it."""
     runs_dir: str = "runs"
     """Where run directories are written."""
     save_weights: bool = True
@@ -246,6 +252,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     from neobench.teacher_cache import CacheMode
 
     CacheMode.parse(cfg.teacher_cache)
+    from neobench.distributed import STRATEGIES
+    from neobench.train import OPTIMIZERS
+
+    STRATEGIES.get(cfg.strategy)
+    OPTIMIZERS.get(cfg.optimizer)
+    if method.on_policy and cfg.strategy == "fsdp":
+        raise NeobenchError("minillm samples with generate(), which neobench does not run under FSDP; use --strategy ddp")
     if cfg.variant is not None:
         VARIANTS.get(cfg.variant)
         if method.trains == "all":
@@ -265,6 +278,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
         ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
         ("max_grad_norm", cfg.max_grad_norm >= 0, "0 (off) or more"),
+        ("save_every", cfg.save_every >= 0, "0 (no checkpoints) or more"),
         ("rank", cfg.rank >= 1, "at least 1"),
         ("alpha", cfg.alpha is None or cfg.alpha > 0, "positive"),
         ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),

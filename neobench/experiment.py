@@ -51,39 +51,54 @@ def run_label(cfg: RunConfig) -> str:
     return f"{cfg.method}+{variant}" if variant else cfg.method
 
 
-def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None) -> dict:
+def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resume: bool = False) -> dict:
     """Train one run, write its directory, then evaluate the student; returns its metrics.
 
     ``after_step(step, student, ws)`` runs between optimizer steps (an ablation trial reports
-    its intermediate held-out NLL there); an exception it raises discards the run.
+    its intermediate held-out NLL there); an exception it raises discards the run. ``resume``
+    continues the unfinished run ``run_id`` from its last checkpoint. Under torchrun every rank
+    calls this; rank 0 writes the run and evaluates, the others return ``{}`` after training.
     """
+    from neobench import checkpoint as ckpt
+    from neobench.distributed import broadcast_object
     from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
-    from neobench.train import WEIGHTS_FILE, changed_weights, planned_steps, prepare, train
+    from neobench.runs import FAILURE_FILE
+    from neobench.train import WEIGHTS_FILE, Diverged, planned_steps, prepare, train
 
     method = METHODS.get(cfg.method)
     started = time.perf_counter()
     spec = EvalSpec.from_config(cfg)
     ws = prepare(cfg, need_teacher=method.uses_teacher or FIDELITY in spec.tasks)
-    console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
+    world = ws.world
+    if world.main:
+        console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
     # Task names and data are checked before training, so a missing data set costs seconds, not a run.
-    taskset = load_tasks(spec, ws.student_path) if spec.tasks else None
-    run_id = run_id or new_run_id(cfg)
-    with RunWriter(cfg.runs_dir, run_id) as writer:
-        writer.write_config(cfg)
+    taskset = load_tasks(spec, ws.student_path) if spec.tasks and world.main else None
+    run_id = broadcast_object(run_id or new_run_id(cfg), world)  # one id: each rank would stamp its own
+    checkpoint, resume_rows = None, None
+    if resume:
+        checkpoint = ckpt.latest(Path(cfg.runs_dir) / f".tmp-{run_id}")
+        resume_rows = ckpt.read_state(checkpoint)["step"]
+        if world.main:
+            console.print(f"resuming {run_id} from step {resume_rows} ({checkpoint})", highlight=False)
+    with RunWriter(cfg.runs_dir, run_id, resume_rows=resume_rows, active=world.main) as writer:
+        if not resume:
+            writer.write_config(cfg)
         # In a terminal, a live bar; in a log (CI, nohup, `> file`), plain lines: rich would print
         # only the bar's last state, squeezed into 80 columns, after minutes of silence.
         interactive = console.is_terminal
         progress = Progress(
             TextColumn(f"[bold]{run_label(cfg)} s{cfg.seed}"), BarColumn(bar_width=16),
             TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not interactive,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            disable=not interactive or not world.main,
         )
-        total = planned_steps(cfg, len(ws.data.examples))
+        total = planned_steps(cfg, len(ws.data.examples), world.size)
         every = max(1, total // 20)  # at most about 20 lines per run in a log
         with progress:
-            task = progress.add_task("train", total=total, info="")
+            task = progress.add_task("train", total=total, info="", completed=resume_rows or 0)
 
-            board = step_board(cfg.log_to, writer.tmp / "tensorboard")
+            board = step_board(cfg.log_to, writer.tmp / "tensorboard") if world.main else None
 
             def on_step(row: dict) -> None:
                 writer.log_step(row)
@@ -101,23 +116,29 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None) -> di
 
             hook = (lambda step, student: after_step(step, student, ws)) if after_step else None
             try:
-                student, _, record = train(cfg, ws, on_step, hook)
+                trained = train(cfg, ws, on_step, hook, run_tmp=writer.tmp, resume=checkpoint)
+            except Diverged as err:
+                # Kept (not a result: a dot-directory) so the log and any checkpoint can be inspected.
+                writer.write_json(FAILURE_FILE, {"reason": "diverged", "message": str(err)})
+                raise
             finally:
                 if board is not None:
                     board.close()  # before the run directory is renamed into place
         if cfg.save_weights:
-            writer.write_tensors(WEIGHTS_FILE, changed_weights(student, cfg))
+            writer.write_tensors(WEIGHTS_FILE, trained.weights)
         metrics = {
             "run_id": run_id, "preset": cfg.preset, "method": cfg.method, "variant": cfg.effective_variant(),
             "seed": cfg.seed, "loss": ("reverse_kl" if method.on_policy else cfg.loss) if method.uses_teacher else None,
             "teacher": cfg.teacher, "student": cfg.student, "teacher_path": ws.teacher_path, "student_path": ws.student_path,
-            **record, "wall_seconds": time.perf_counter() - started, "versions": versions(),
+            **trained.record, "wall_seconds": time.perf_counter() - started, "versions": versions(),
         }
         writer.write_json("metrics.json", metrics)
+    if not world.main:
+        return {}
     run_dir = Path(cfg.runs_dir) / run_id
     metrics["run_dir"] = str(run_dir)
     if taskset is not None:
-        evaluate_student(cfg, ws, student, run_dir, taskset)
+        evaluate_student(cfg, ws, trained.student, run_dir, taskset)
     return metrics
 
 
@@ -168,8 +189,8 @@ def score_rows(payload: dict, student_label: str) -> list[tuple[str, list[dict]]
     return [(labels[role], by_role[role]) for role in ("teacher", "untrained_student", "student") if role in by_role]
 
 
-def execute_many(cfgs: list[RunConfig]) -> list[dict]:
-    """Run each config in its own `neobench run` process (see the module docstring)."""
+def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
+    """Run each config in its own `neobench run` process, or torchrun of ``nproc`` (see the module docstring)."""
     from neobench.train import prepare
 
     # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
@@ -184,27 +205,40 @@ def execute_many(cfgs: list[RunConfig]) -> list[dict]:
         if len(cfgs) > 1:
             console.rule(f"[bold]run {i}/{len(cfgs)}: {run_label(cfg)} seed {cfg.seed}")
         run_id = new_run_id(cfg)
-        code = run_in_child(cfg, run_id)
+        code = run_in_child(cfg, run_id, nproc=nproc)
+        if code == 130:
+            raise KeyboardInterrupt
         if code != 0:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
     return results
 
 
-def run_in_child(cfg: RunConfig, run_id: str, extra_args: tuple[str, ...] = ()) -> int:
-    """Train and evaluate ``cfg`` in a fresh `neobench run` process; returns its exit code."""
+def run_in_child(
+    cfg: RunConfig, run_id: str, extra_args: tuple[str, ...] = (), nproc: int = 1, resolved: bool = True
+) -> int:
+    """Train and evaluate ``cfg`` in a fresh `neobench run` process (``nproc`` > 1: under torchrun); returns its exit code.
+
+    ``resolved=False``: ``extra_args`` alone say what to run (``--resume RUN_ID``), no config file is passed.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)
-    cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", f.name, "--run-id", run_id, *extra_args]
-    child = subprocess.Popen(cmd)
+    launcher = [sys.executable, "-m", "neobench.cli"]
+    if nproc > 1:
+        # --standalone: a rendezvous on a free local port; one node, nproc processes.
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "neobench.cli"]
+    what = ("--preset", f.name, "--run-id", run_id) if resolved else ()
+    child = subprocess.Popen([*launcher, "run", *what, *extra_args])
     try:
         return child.wait()
     except KeyboardInterrupt:
-        # Let the child discard its unfinished run directory before we stop.
+        # A terminal's Ctrl-C reached the child too; a signal sent to this process alone did not.
+        # The child stops after its current step (checkpointing if it keeps checkpoints): wait for
+        # it; a second Ctrl-C here stops it at once.
         child.send_signal(signal.SIGINT)
         try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            child.wait()
+        except KeyboardInterrupt:
             child.kill()
         raise
     finally:

@@ -68,15 +68,16 @@ def sample_responses(
 
 
 def minillm_objective(
-    cfg, ws, student, student_head, gold_batch: dict, examples: list[Example], step_seed: int
+    cfg, ws, student, scorer, student_head, gold_batch: dict, examples: list[Example], step_seed: int
 ) -> tuple[dict, float]:
     """MiniLLM's loss on one micro-batch; returns (parts as from train.offline_objective, generation seconds).
 
     Like every method's, the loss is in units of the gold response tokens: ``parts["tokens"]``
     counts them and the loop divides by the step's count, so budgets and accumulation weights
     match. It is minillm_ce_weight * (sum of CE on gold) + n_gold * (mean reverse KL on the samples).
+    ``student`` samples (no gradient); ``scorer`` is the student as training calls it (maybe DDP-wrapped).
     """
-    from neobench.fused_loss import LossSpec, fused_loss, scored_hidden
+    from neobench.fused_loss import LossSpec, fused_loss
     from neobench.precision import autocast
     from neobench.train import teacher_hidden
 
@@ -94,7 +95,7 @@ def minillm_objective(
 
     gold_mask, gold_targets = next_token_targets(gold_batch["labels"])
     with autocast(ws.device, ws.dtype):
-        gold_hidden = scored_hidden(student, gold_batch, gold_mask)
+        gold_hidden = scorer(gold_batch["input_ids"], gold_batch["attention_mask"], gold_mask)
     gold = fused_loss(gold_hidden, student_head, gold_targets[gold_mask], None,
                       LossSpec(cfg.minillm_ce_weight, 0.0, chunk_tokens=chunk), ws.dtype)
 
@@ -102,7 +103,7 @@ def minillm_objective(
     mask, targets = next_token_targets(batch["labels"])
     n_gold_tokens, n_sampled = int(gold_mask.sum()), max(1, int(mask.sum()))
     with autocast(ws.device, ws.dtype):
-        hidden = scored_hidden(student, batch, mask)
+        hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     sampled = fused_loss(
         hidden, student_head, targets[mask], teacher_hidden(ws, batch, mask),
         LossSpec(0.0, n_gold_tokens / n_sampled, "reverse_kl", cfg.temperature, chunk_tokens=chunk), ws.dtype,

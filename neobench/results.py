@@ -28,11 +28,17 @@ COLUMNS = [
 ]
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
-NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {"study", "trial"}
+NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {
+    "study", "trial", "strategy", "save_every"}
+# Fields added after runs were stored: left out of the key at their default, so those runs keep theirs.
+KEY_ONLY_IF_NOT = {"optimizer": "adamw"}
 
 
-def config_key(config: dict[str, Any], device: str, dtype: str) -> str:
+def config_key(config: dict[str, Any], device: str, dtype: str, world_size: int = 1) -> str:
     """Hash of everything that shapes a run's result except its seed (the device and dtype it actually used).
+
+    grad_accum counts micro-batches per step over all ``world_size`` processes: 2 processes x 1 and
+    1 process x 2 are one budget (see neobench.distributed).
 
     Fields a run's config.yaml lacks (it predates them) take today's defaults, so adding a config
     field does not split earlier runs from later ones.
@@ -41,6 +47,9 @@ def config_key(config: dict[str, Any], device: str, dtype: str) -> str:
 
     config = {**RunConfig().to_dict(), **config}
     kept = {k: v for k, v in config.items() if k not in NOT_IN_CONFIG_KEY and not k.startswith("eval_")}
+    kept = {k: v for k, v in kept.items() if KEY_ONLY_IF_NOT.get(k, object()) != v}
+    if world_size > 1:
+        kept["grad_accum"] = kept["grad_accum"] * world_size
     kept["device"], kept["dtype"] = device.split(":")[0], dtype
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -53,12 +62,13 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     base = {
         "preset": metrics["preset"], "run_id": metrics["run_id"], "steps": budget["steps"], "tokens": budget["tokens"],
         "data_hash": budget["data_hash"], "seq_len": budget["seq_len"], "batch_size": budget["batch_size"],
-        "grad_accum": budget["grad_accum"], "stopped_by": budget["stopped_by"],
+        # Micro-batches per step over all processes: the budget, whatever the process count.
+        "grad_accum": budget["grad_accum"] * budget.get("world_size", 1), "stopped_by": budget["stopped_by"],
         "study": config.get("study"), "trial": config.get("trial"),
     }
     student = {
         **base, "model": "student", "method": metrics["method"], "variant": metrics["variant"], "loss": metrics["loss"],
-        "seed": metrics["seed"], "config_key": config_key(config, cost["device"], cost["dtype"]),
+        "seed": metrics["seed"], "config_key": config_key(config, cost["device"], cost["dtype"], budget.get("world_size", 1)),
         "trainable_params": cost["trainable_params"], "peak_memory_bytes": cost["peak_memory_bytes"],
         "memory_kind": cost["memory_kind"], "train_seconds": cost["train_seconds"], "wall_seconds": metrics["wall_seconds"],
         "tokens_per_second": cost["tokens_per_second"], "device": cost["device"], "dtype": cost["dtype"],

@@ -12,6 +12,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +26,8 @@ from neobench.losses import TeacherLogProbs, next_token_targets
 from neobench.methods import METHODS, Method
 from neobench.models import check_shared_vocabulary, load_causal_lm, load_tokenizer, output_rows, pick_device, resolve_model
 from neobench.precision import autocast, dtype_name, pick_dtype
+from neobench.registry import Registry
+from neobench.distributed import World
 from neobench.prune import parse_pruned_spec, pruned_student_dir
 
 
@@ -39,11 +42,14 @@ class Workspace:
     vocab_size: int
     device: str
     dtype: torch.dtype
+    world: World = World()
+    strategy: str = "ddp"
     _teacher: Optional[torch.nn.Module] = field(default=None, repr=False)
     _teacher_head: Optional[LogitHead] = field(default=None, repr=False)
+    _teacher_sharded: Optional[torch.nn.Module] = field(default=None, repr=False)
 
     def teacher(self) -> torch.nn.Module:
-        """The frozen teacher, held in the run's compute dtype (it needs no fp32 master copy)."""
+        """The frozen teacher, whole, held in the run's compute dtype (it needs no fp32 master copy)."""
         if self._teacher is None:
             self._teacher = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
             self._teacher_head = LogitHead.of(self._teacher, self.vocab_size)
@@ -54,6 +60,39 @@ class Workspace:
         self.teacher()
         return self._teacher_head
 
+    @property
+    def shards_teacher(self) -> bool:
+        return self.world.distributed and self.strategy == "fsdp"
+
+    def load_teacher_for_training(self) -> None:
+        """The teacher as training runs it: whole, or under FSDP sharded like the student."""
+        if not self.shards_teacher:
+            self.teacher()
+        elif self._teacher_sharded is None:
+            from neobench.distributed import shard
+
+            model = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
+            check_head(model, LogitHead.of(model, self.vocab_size), self.teacher_path)
+            self._teacher_sharded = shard(model, self.world, self.dtype, reshard_after_forward=True)
+
+    def teacher_hidden(self, batch: dict, mask: torch.Tensor) -> TeacherHidden:
+        """The teacher's last hidden states at the scored positions, with its head; no logits, no autograd record."""
+        self.load_teacher_for_training()
+        if self._teacher_sharded is None:
+            with torch.inference_mode(), autocast(self.device, self.dtype):
+                hidden = scored_hidden(self._teacher, batch, mask)
+            return TeacherHidden(hidden.clone(), self._teacher_head)  # clone: a normal tensor autograd may see
+        # FSDP gathers parameters in place, which inference tensors forbid: no_grad instead.
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            hidden = self._teacher_sharded(batch["input_ids"], batch["attention_mask"], mask)
+        # The root stays gathered after its forward (FSDP's rule for roots): its head is whole now.
+        return TeacherHidden(hidden, LogitHead.of(self._teacher_sharded.model, self.vocab_size))
+
+    def release_teacher_shards(self) -> None:
+        """Free the gathered root of a sharded teacher once its outputs are used (reshard_after_forward)."""
+        if self._teacher_sharded is not None:
+            self._teacher_sharded.reshard()
+
 
 def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
     """Resolve models, tokenize the data and check that teacher and student share a vocabulary.
@@ -61,7 +100,11 @@ def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
     Cheap checks (device, data file, student path) come before anything slow (dequantizing
     or pruning), so a typo fails in a second, not after minutes.
     """
+    from neobench.distributed import init, rank_device
+
     device = pick_device(cfg.device)
+    world = init(device)
+    device = rank_device(device, world)
     dtype = pick_dtype(cfg.dtype, device)
     resolve_data_file(cfg.train_data, cfg.train_split)
     keep = parse_pruned_spec(cfg.student)
@@ -71,7 +114,7 @@ def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
         student_path = str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
     tokenizer = load_tokenizer(student_path)
     data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples)
-    ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype)
+    ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype, world, cfg.strategy)
     if need_teacher:
         # Checked on tokenizers and configs, before any weights are loaded or steps taken.
         ws.vocab_size = check_shared_vocabulary(
@@ -132,8 +175,8 @@ def lr_multiplier(step: int, n_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def planned_steps(cfg: RunConfig, n_examples: int) -> int:
-    per_step = cfg.batch_size * cfg.grad_accum
+def planned_steps(cfg: RunConfig, n_examples: int, world_size: int = 1) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum * world_size
     return cfg.max_steps or max(1, math.ceil(n_examples / per_step))
 
 
@@ -164,10 +207,7 @@ def group_by_length(picks: list[int], lengths: list[int], batch_size: int) -> li
 
 def teacher_hidden(ws: Workspace, batch: dict, mask: torch.Tensor) -> TeacherHidden:
     """The teacher's last hidden states at the scored positions; no logits, no autograd record."""
-    teacher = ws.teacher()
-    with torch.inference_mode(), autocast(ws.device, ws.dtype):
-        hidden = scored_hidden(teacher, batch, mask)
-    return TeacherHidden(hidden.clone(), ws.teacher_head())  # clone: a normal tensor autograd may see
+    return ws.teacher_hidden(batch, mask)
 
 
 def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks: list[int], counts: dict) -> TeacherLogProbs:
@@ -198,34 +238,94 @@ def loss_spec(cfg: RunConfig, method: Method) -> LossSpec:
     return LossSpec(1 - cfg.kd_ratio, cfg.kd_ratio, cfg.loss, cfg.temperature, cfg.loss_param(), chunk)
 
 
-def offline_objective(cfg, ws, method, student, student_head, batch, picks, cache, cache_counts) -> dict:
-    """CE (+ divergence) on the micro-batch's response tokens, as sums over those tokens."""
+def offline_objective(cfg, ws, method, scorer, student_head_of, batch, picks, cache, cache_counts) -> dict:
+    """CE (+ divergence) on the micro-batch's response tokens, as sums over those tokens.
+
+    ``scorer`` is the student as the loop calls it (neobench.distributed.ScoredHidden, maybe wrapped);
+    ``student_head_of()`` its output head, read after the forward (FSDP gathers it there).
+    """
     mask, targets = next_token_targets(batch["labels"])
     with autocast(ws.device, ws.dtype):
-        hidden = scored_hidden(student, batch, mask)
+        hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     teacher = None
     if method.uses_teacher:
         teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else teacher_hidden(ws, batch, mask)
-    parts = fused_loss(hidden, student_head, targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
+    parts = fused_loss(hidden, student_head_of(), targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
+    ws.release_teacher_shards()
     return {**parts, "tokens": int(mask.sum())}
 
 
-def check_finite(parts: dict, cfg: RunConfig, step: int) -> None:
-    value = float(parts["loss"].detach())
-    if math.isfinite(value):
-        return
+class Diverged(NeobenchError):
+    """A non-finite loss or gradient norm: the run stops at that step and stores no result."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; the run stopped after a step (and saved a checkpoint if it keeps them)."""
+
+    def __init__(self, step: int, checkpoint: Optional[Path]):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def divergence_message(cfg: RunConfig, step: int, loss: float, norm: float, last_finite: Optional[tuple[int, float]]) -> str:
+    from neobench.experiment import run_label
+
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4f})"
+    before = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite else "no finite step before it"
     hint = (
         "reverse KL is +inf where the student puts mass on a token the teacher rules out (a -inf teacher logit); "
         "use --loss skew_reverse_kl or jsd, which stay finite"
         if cfg.loss == "reverse_kl" or METHODS.get(cfg.method).on_policy else "lower the learning rate or check the data"
     )
-    raise NeobenchError(f"the loss became {value} at step {step}: {hint}")
+    return f"{run_label(cfg)} seed {cfg.seed} diverged at step {step}: {what}; {before}; no result stored ({hint})"
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag that the loop reads after each step; a second signal stops at once.
+
+    A signal within 2 s of the first is the same request arriving twice (a terminal's Ctrl-C
+    reaches both `neobench run` and the run's process, and the first forwards it), not a second one.
+    """
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._at = 0.0
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.received is not None:
+            if time.monotonic() - self._at > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.received, self._at = signum, time.monotonic()
+        if signum == signal.SIGINT:
+            from neobench.progress import console
+
+            console.print("stopping after this step (Ctrl-C again to stop now)", highlight=False)
+
+    def __exit__(self, *exc) -> bool:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
 
 
 WEIGHTS_FILE = "trained_weights.safetensors"
 
 
-def changed_weights(student: torch.nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+def changed_weights(student: torch.nn.Module, cfg: RunConfig, names_only: bool = False):
     """The tensors training changed: trainable ones, plus base weights an adapter's init rewrote (PiSSA).
 
     Saving these (not a merged model) keeps adapter runs small: megabytes, not the whole student.
@@ -234,11 +334,11 @@ def changed_weights(student: torch.nn.Module, cfg: RunConfig) -> dict[str, torch
 
     variant = cfg.effective_variant()
     rewrites_base = variant is not None and VARIANTS.get(variant).rewrites_base
-    return {
-        name: p.detach().cpu().contiguous()
-        for name, p in student.named_parameters()
-        if p.requires_grad or (rewrites_base and ".base_layer." in name)
-    }
+    names = [name for name, p in student.named_parameters() if p.requires_grad or (rewrites_base and ".base_layer." in name)]
+    if names_only:
+        return names
+    params = dict(student.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in names}
 
 
 def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.nn.Module:
@@ -254,15 +354,55 @@ def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.n
     return student.eval()
 
 
+FAULT_VARIABLE = "NEOBENCH_INJECT_FAULT"
+
+
+def injected_fault(kind: str, step: int) -> bool:
+    """Fault injection for the resume and divergence tests: NEOBENCH_INJECT_FAULT=kill-after-step:N
+    SIGKILLs the process after step N (and its checkpoint); nan-at-step:N makes step N's loss NaN."""
+    value = os.environ.get(FAULT_VARIABLE, "")
+    if value != f"{kind}:{step}":
+        return False
+    if kind == "kill-after-step":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS.add("adamw", lambda params, cfg: torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay))
+# Plain SGD: what the 1-vs-N-process tests compare (AdamW's normalisation amplifies reduction-order noise).
+OPTIMIZERS.add("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay))
+
+
+@dataclass
+class Trained:
+    """What :func:`train` returns: the student (whole on rank 0), its log, its record, and its changed weights."""
+
+    student: Optional[torch.nn.Module]
+    log: list[dict]
+    record: dict
+    weights: dict[str, torch.Tensor]
+
+
 def train(
     cfg: RunConfig, ws: Workspace, on_step: Optional[Callable[[dict], None]] = None,
-    after_step: Optional[Callable[[int, torch.nn.Module], None]] = None,
-) -> tuple[torch.nn.Module, list[dict], dict]:
-    """Train one student; returns (student, per-step log rows, run record).
+    after_step: Optional[Callable[[int, torch.nn.Module], None]] = None, run_tmp: Optional[Path] = None,
+    resume: Optional[Path] = None,
+) -> Trained:
+    """Train one student (on every rank of the world).
 
-    ``on_step(row)`` gets each step's log row; ``after_step(step, student)`` may inspect the
-    student between steps (an ablation's intermediate held-out NLL) or raise to stop the run.
+    ``on_step(row)`` gets each step's log row (rank 0); ``after_step(step, student)`` may inspect
+    the student between steps (an ablation's intermediate held-out NLL) or raise to stop the run.
+    ``run_tmp`` is the unfinished run's directory, where checkpoints go (``cfg.save_every``, and on
+    SIGTERM/SIGINT); ``resume`` a checkpoint to continue from. Raises :class:`Diverged` on a
+    non-finite loss or gradient norm, :class:`Interrupted` after a stop signal.
     """
+    from neobench import checkpoint as ckpt
+    from neobench.distributed import all_gather_int, all_sum, full_state, grad_norm, sync_gradients, wrap_student
+
+    world = ws.world
     method = METHODS.get(cfg.method)
     student = build_student(cfg, ws)
     cache = None
@@ -274,95 +414,136 @@ def train(
         )
     # With a cache, the teacher is loaded only if some example of the run is not cached yet.
     # minillm always needs it: the sequences it distils on are sampled fresh at every step.
-    teacher = ws.teacher() if method.uses_teacher and (cache is None or method.on_policy) else None
-    cache_counts = {"hits": 0, "misses": 0}
-    generation_seconds = 0.0
+    if method.uses_teacher and (cache is None or method.on_policy):
+        ws.load_teacher_for_training()
+    counters = {"tokens": 0, "response_tokens": 0, "generation_seconds": 0.0, "hits": 0, "misses": 0}
     student.train()
-    student_head = LogitHead.of(student, ws.vocab_size)
-    check_head(student, student_head, ws.student_path)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    n_steps = planned_steps(cfg, len(ws.data.examples))
-    per_step = cfg.batch_size * cfg.grad_accum
+    check_head(student, LogitHead.of(student, ws.vocab_size), ws.student_path)
+    scorer = wrap_student(student, cfg.strategy, world, ws.device, ws.dtype)
+    # Read per micro-batch: under FSDP the head's weight is whole only between forward and backward.
+    student_head_of = lambda: LogitHead.of(student, ws.vocab_size)  # noqa: E731
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    n_steps = planned_steps(cfg, len(ws.data.examples), world.size)
+    per_step = cfg.batch_size * cfg.grad_accum * world.size  # the global batch
     order = example_order(len(ws.data.examples), n_steps * per_step, cfg.seed)
     lengths = [len(ex.input_ids) for ex in ws.data.examples]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS.get(cfg.optimizer)(trainable, cfg)
     warmup_steps = math.ceil(cfg.warmup_ratio * n_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, n_steps, warmup_steps))
     pad_id = ws.tokenizer.pad_token_id
 
+    first_step, resumed_from = 0, None
+    if resume is not None:
+        saved = ckpt.load(resume, scorer, optimizer, scheduler, world)
+        first_step = resumed_from = saved["step"]
+        counters.update(saved["counters"])
+        ckpt.restore_rng(resume, world)
+    tokens_at_start = counters["tokens"]
+
     log: list[dict] = []
-    tokens = response_tokens = 0
     stopped_by = "max_steps" if cfg.max_steps else "epoch"
+    last_finite: Optional[tuple[int, float]] = None
     memory = PeakMemory(ws.device)
-    with memory:
+    with memory, StopSignals() as signals:
         start = time.perf_counter()
-        for step in range(n_steps):
-            micro_picks = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
+        for step in range(first_step, n_steps):
+            step_micro = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
+            # Micro-batch j of the step goes to rank j % world: every world size sees the same micro-batches.
+            micro_picks = step_micro[world.rank :: world.size]
             micro_batches = [collate([ws.data.examples[i] for i in mp], pad_id) for mp in micro_picks]
-            # Every loss term is summed over tokens and divided by the step's response-token count,
-            # so the accumulated gradient is that of the token mean over the whole step (1x8 == 8x1).
-            step_targets = max(1, sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches))
-            totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+            # Every loss term is summed over tokens and divided by the global batch's response-token
+            # count, so the accumulated gradient is the token mean over the whole step (1x8 == 8x1 == 2 ranks x 4).
+            local_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
+            step_targets = max(1.0, all_sum([local_targets], world, ws.device)[0])
+            sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, kd, tokens, response tokens (this rank)
             for k, (batch, batch_picks) in enumerate(zip(micro_batches, micro_picks)):
                 batch = {name: v.to(ws.device) for name, v in batch.items()}
-                if method.on_policy:  # minillm: the student samples the responses it is taught on
-                    from neobench.onpolicy import minillm_objective
+                with sync_gradients(scorer, last_micro_step=k == len(micro_batches) - 1):
+                    if method.on_policy:  # minillm: the student samples the responses it is taught on
+                        from neobench.onpolicy import minillm_objective
 
-                    parts, seconds = minillm_objective(
-                        cfg, ws, student, student_head, batch, [ws.data.examples[i] for i in batch_picks],
-                        cfg.seed * 1_000_003 + step * 1_009 + k,
-                    )
-                    generation_seconds += seconds
-                else:
-                    parts = offline_objective(cfg, ws, method, student, student_head, batch, batch_picks, cache, cache_counts)
-                check_finite(parts, cfg, step + 1)
-                (parts["loss"] / step_targets).backward()
-                totals["loss"] += float(parts["loss"].detach()) / step_targets
-                totals["ce"] += float(parts["ce_sum"]) / step_targets
-                totals["kd"] += float(parts["kd_sum"]) / step_targets
-                tokens += int(batch["attention_mask"].sum())
-                response_tokens += parts["tokens"]
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
-            )
+                        parts, seconds = minillm_objective(
+                            cfg, ws, student, scorer, student_head_of(), batch, [ws.data.examples[i] for i in batch_picks],
+                            cfg.seed * 1_000_003 + step * 1_009 + k * world.size + world.rank,
+                        )
+                        counters["generation_seconds"] += seconds
+                    else:
+                        parts = offline_objective(cfg, ws, method, scorer, student_head_of, batch, batch_picks, cache, counters)
+                    # x world: DDP and FSDP average gradients over ranks; the sum over ranks is wanted.
+                    (parts["loss"] * (world.size / step_targets)).backward()
+                sums[0] += float(parts["loss"].detach())
+                sums[1] += float(parts["ce_sum"])
+                sums[2] += float(parts["kd_sum"])
+                sums[3] += int(batch["attention_mask"].sum())
+                sums[4] += parts["tokens"]
+            loss, ce, kd, step_tokens, step_response = all_sum(sums, world, ws.device)
+            norm = grad_norm(trainable, cfg.max_grad_norm)
+            loss, ce, kd = loss / step_targets, ce / step_targets, kd / step_targets
+            if injected_fault("nan-at-step", step + 1):
+                loss = float("nan")
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise Diverged(divergence_message(cfg, step + 1, loss, norm, last_finite))
+            last_finite = (step + 1, loss)
+            counters["tokens"] += int(step_tokens)
+            counters["response_tokens"] += int(step_response)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             row = {
-                "step": step + 1, **totals, "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
+                "step": step + 1, "loss": loss, "ce": ce, "kd": kd, "lr": lr,
+                "grad_norm": norm if cfg.max_grad_norm else float("nan"),
+                "tokens": counters["tokens"], "elapsed_s": elapsed, "tokens_per_s": (counters["tokens"] - tokens_at_start) / elapsed,
             }
             log.append(row)
-            if on_step:
+            if on_step and world.main:
                 on_step(row)
             if after_step:
                 # Time spent inspecting the student is not training time: shift the clock past it.
                 paused = time.perf_counter()
                 after_step(step + 1, student)
                 start += time.perf_counter() - paused
+            stop = bool(all_sum([1.0 if signals.received else 0.0], world, ws.device)[0]) if world.distributed else bool(signals.received)
+            due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < n_steps
+            if run_tmp is not None and (due or (stop and cfg.save_every)):
+                ckpt.save(run_tmp, step + 1, scorer, optimizer, scheduler, counters, world, cfg.strategy)
+            injected_fault("kill-after-step", step + 1)
+            if stop:
+                raise Interrupted(step + 1, ckpt.latest(run_tmp) if run_tmp is not None and cfg.save_every else None)
             if cfg.max_wall_seconds and elapsed >= cfg.max_wall_seconds and step + 1 < n_steps:
                 stopped_by = "max_wall_seconds"
                 break
         wall = time.perf_counter() - start
-    peak = memory.peak_bytes()
+    peaks = all_gather_int(memory.peak_bytes(), world, ws.device)
+    weights = full_state(scorer, set(changed_weights(student, cfg, names_only=True)))
+    if world.distributed and cfg.strategy == "fsdp":
+        # Rank 0 carries on alone (evaluation): rebuild a whole student from the gathered weights.
+        student = None
+        if world.main:
+            student = build_student(cfg, ws)
+            student.load_state_dict({k: v.to(ws.device) for k, v in weights.items()}, strict=False)
 
-    last = log[-min(5, len(log)):]
+    steps_done = first_step + len(log)
+    last = log[-min(5, len(log)):] if log else []
     record = {
         "budget": {
-            "steps": len(log), "planned_steps": n_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "seq_len": cfg.seq_len, "examples_seen": len(log) * per_step, "tokens": tokens,
-            "response_tokens": response_tokens, "data_hash": ws.data.data_hash, "stopped_by": stopped_by,
+            "steps": steps_done, "planned_steps": n_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "world_size": world.size, "global_batch": per_step,
+            "seq_len": cfg.seq_len, "examples_seen": steps_done * per_step, "tokens": counters["tokens"],
+            "response_tokens": counters["response_tokens"], "data_hash": ws.data.data_hash, "stopped_by": stopped_by,
         },
         "cost": {
-            "train_seconds": wall, "seconds_per_step": wall / len(log), "tokens_per_second": tokens / wall,
-            "generation_seconds": generation_seconds, "update_seconds": wall - generation_seconds,
-            "peak_memory_bytes": peak, "memory_kind": memory.kind,
-            "trainable_params": sum(p.numel() for p in trainable),
-            "total_params": sum(p.numel() for p in student.parameters()),
+            "train_seconds": wall, "seconds_per_step": wall / max(1, len(log)),
+            "tokens_per_second": (counters["tokens"] - tokens_at_start) / wall,
+            "generation_seconds": counters["generation_seconds"], "update_seconds": wall - counters["generation_seconds"],
+            "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks, "memory_kind": memory.kind,
+            "trainable_params": sum(p.numel() for p in trainable),  # a DTensor counts its whole, not its shard
+            "total_params": sum(p.numel() for p in (student.parameters() if student is not None else ())),
             "device": ws.device, "dtype": dtype_name(ws.dtype), "torch_threads": torch.get_num_threads(),
-            "teacher_cache": {"mode": cfg.teacher_cache, **cache_counts, "rebuilt": cache.rebuilt if cache else 0},
+            "world_size": world.size, "strategy": cfg.strategy if world.distributed else "single",
+            "teacher_cache": {"mode": cfg.teacher_cache, "hits": counters["hits"], "misses": counters["misses"],
+                              "rebuilt": cache.rebuilt if cache else 0},
         },
         "final": {
             "loss": log[-1]["loss"], "ce": log[-1]["ce"], "kd": log[-1]["kd"],
@@ -374,4 +555,6 @@ def train(
         "lr": cfg.effective_lr(),
         "pid": os.getpid(),
     }
-    return student, log, record
+    if resumed_from is not None:
+        record["resumed_from_step"] = resumed_from
+    return Trained(student, log, record, weights)
