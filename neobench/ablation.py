@@ -33,7 +33,7 @@ from typing import Any, Optional
 import yaml
 
 from neobench.config import FIELD_NAMES, RunConfig, apply_overrides, load_preset, validate
-from neobench.errors import NeobenchError
+from neobench.errors import DIVERGED_EXIT, NeobenchError
 from neobench.progress import console
 from neobench.registry import Registry
 
@@ -56,6 +56,10 @@ class SurplusTrial(Exception):
 
 class TrialFailed(NeobenchError):
     pass
+
+
+class TrialDiverged(NeobenchError):
+    """The trial's run diverged (exit DIVERGED_EXIT): FAIL with the reason, never retried."""
 
 
 # --- the study file --------------------------------------------------------------------------
@@ -439,11 +443,21 @@ def objective_direction(spec: StudySpec, cfg: RunConfig, student_path: str) -> s
 # --- running a study ---------------------------------------------------------------------------
 
 
+DIVERGED_ATTR = "diverged"
+"""User attribute of a trial whose run diverged: the one-line reason. Such a trial is FAIL, counts
+toward the study's trials and is never queued again (its parameters would diverge again)."""
+
+
+def diverged(trial) -> bool:
+    return DIVERGED_ATTR in trial.user_attrs
+
+
 def counted(study) -> int:
-    """Trials that use up the budget: finished (complete or pruned) or running."""
+    """Trials that use up the budget: finished (complete, pruned or diverged) or running."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return len(live) + sum(diverged(t) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
 
 def _process_alive(pid: int) -> bool:
@@ -558,9 +572,20 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
             run_id = new_run_id(cfg)
             payload = {"storage": storage_url, "study": study_name, "spec": spec.source, "trial_id": trial._trial_id,
                        "report": offset == 0}
-            code = run_in_child(cfg, run_id, ("--optuna-trial", json.dumps(payload)))
+            resume = resumable_run(trial, runs_dir, offset)
+            trial.set_user_attr(f"unfinished_run_{offset}", resume or run_id)
+            if resume:
+                console.print(f"trial {trial.number}: continuing {resume} from its checkpoint", highlight=False)
+                code = run_in_child(cfg, resume, ("--resume", resume, "--runs-dir", runs_dir), resolved=False)
+                run_id = resume
+            else:
+                code = run_in_child(cfg, run_id, ("--optuna-trial", json.dumps(payload)))
             if code == PRUNED_EXIT:
                 raise optuna.TrialPruned()
+            if code == DIVERGED_EXIT:
+                reason = failure_reason(Path(runs_dir), run_id)
+                trial.set_user_attr(DIVERGED_ATTR, reason)
+                raise TrialDiverged(f"trial {trial.number} ({params}) failed: {reason}")
             if code != 0:
                 raise TrialFailed(f"trial {trial.number} ({run_label(cfg)}, {params}) failed: its run exited with {code}")
             run_ids.append(run_id)
@@ -588,6 +613,9 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
             study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
         except SurplusTrial:
             return
+        except TrialDiverged as err:  # FAIL, with its reason; not queued again
+            console.print(f"[red]{err}; not retried[/red]", highlight=False)
+            continue
         except TrialFailed as err:
             # Its run process died (killed, out of memory): queue the same parameters again (up to
             # 3 times); a setting that fails every time stops the worker after 3 failures in a row.
@@ -605,6 +633,28 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
         _print_progress(study, n_trials)
 
 
+def resumable_run(trial, runs_dir: str, offset: int) -> Optional[str]:
+    """The unfinished run (with a checkpoint) of the failed trial this one retries, if any.
+
+    A retried trial (Optuna's RetryFailedTrialCallback) inherits the user attributes of the trial
+    it repeats, among them the id of the run that trial was training; when that run was killed
+    after writing a checkpoint (the study's runs use save_every), the retry continues it.
+    """
+    from neobench.checkpoint import latest
+
+    run_id = trial.user_attrs.get(f"unfinished_run_{offset}")
+    if run_id and latest(Path(runs_dir) / f".tmp-{run_id}") is not None:
+        return run_id
+    return None
+
+
+def failure_reason(runs_dir: Path, run_id: str) -> str:
+    from neobench.runs import FAILURE_FILE
+
+    path = runs_dir / f".tmp-{run_id}" / FAILURE_FILE
+    return json.loads(path.read_text())["message"] if path.is_file() else "its run diverged"
+
+
 def _waiting(study) -> bool:
     from optuna.trial import TrialState
 
@@ -615,7 +665,7 @@ def _is_surplus(study, number: int, n_trials: int) -> bool:
     from optuna.trial import TrialState
 
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and t.state in live) >= n_trials
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and (t.state in live or diverged(t))) >= n_trials
 
 
 def _print_progress(study, n_trials: int) -> None:

@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -71,7 +73,9 @@ def save(
         shutil.rmtree(target, ignore_errors=True)  # a half-written one from a killed save
         target.mkdir(parents=True)
     barrier(world)
-    dcp.save(_dcp_state(wrapped, optimizer), checkpoint_id=str(target), no_dist=not world.distributed)
+    with warnings.catch_warnings():  # DCP warns that one process is one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_dcp_state(wrapped, optimizer), checkpoint_id=str(target), no_dist=not world.distributed)
     with open(target / f"rng-rank{world.rank}.pt", "wb") as f:
         pickle.dump(_rng_state(), f)
     barrier(world)
@@ -112,7 +116,9 @@ def load(checkpoint: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _dcp_state(wrapped, optimizer)
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=not world.distributed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=not world.distributed)
     set_state_dict(
         wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
         options=StateDictOptions(ignore_frozen_params=True, strict=False),

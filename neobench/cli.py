@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from neobench.errors import NeobenchError
+from neobench.errors import DIVERGED_EXIT, NeobenchError
 from neobench.progress import console
 
 app = typer.Typer(
@@ -118,6 +118,7 @@ def run(
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
     from neobench.distributed import close, launched_world
+    from neobench.experiment import ChildDiverged
 
     given = {k: v for k, v in flags.items() if v is not None}
     under_torchrun = launched_world().distributed
@@ -140,6 +141,10 @@ def run(
         if run_id is None and world.main:  # the parent speaks for both
             console.print(f"interrupted; finished runs stay in {base.runs_dir}/")
         raise typer.Exit(130) from None
+    except ChildDiverged as stop:
+        if stop.finished:
+            console.print(f"the {stop.finished} runs finished before it stay in {base.runs_dir}/", highlight=False)
+        raise typer.Exit(DIVERGED_EXIT) from None
     finally:
         close(world)
     if not world.main:
@@ -202,8 +207,6 @@ def interrupted_exits(work, cfg, run_id: str):
         raise typer.Exit(DIVERGED_EXIT) from None
 
 
-DIVERGED_EXIT = 4
-"""Exit code of a run that diverged (an ablation marks its trial FAIL and does not retry it)."""
 
 
 def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:

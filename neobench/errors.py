@@ -7,3 +7,7 @@ class NeobenchError(Exception):
     The message is one line: what is wrong and how to fix it. The CLI prints it
     without a traceback and exits with code 2.
     """
+
+
+DIVERGED_EXIT = 4
+"""Exit code of a run that diverged: `neobench run` passes it on; an ablation marks its trial FAIL, never retried."""

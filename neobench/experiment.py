@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from neobench.config import RunConfig, validate
-from neobench.errors import NeobenchError
+from neobench.errors import DIVERGED_EXIT, NeobenchError
 from neobench.methods import DEFAULT_MATRIX, METHODS
 from neobench.progress import console
 from neobench.runs import RunWriter, new_run_id, read_run, versions
@@ -189,6 +189,14 @@ def score_rows(payload: dict, student_label: str) -> list[tuple[str, list[dict]]
     return [(labels[role], by_role[role]) for role in ("teacher", "untrained_student", "student") if role in by_role]
 
 
+class ChildDiverged(Exception):
+    """A run process of execute_many diverged (exit DIVERGED_EXIT) after ``finished`` runs completed."""
+
+    def __init__(self, finished: int):
+        super().__init__(f"diverged after {finished} finished runs")
+        self.finished = finished
+
+
 def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     """Run each config in its own `neobench run` process, or torchrun of ``nproc`` (see the module docstring)."""
     from neobench.train import prepare
@@ -208,6 +216,8 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
         code = run_in_child(cfg, run_id, nproc=nproc)
         if code == 130:
             raise KeyboardInterrupt
+        if code == DIVERGED_EXIT:  # the run said why, in one line; say nothing more for one run
+            raise ChildDiverged(len(results))
         if code != 0:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})

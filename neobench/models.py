@@ -7,7 +7,10 @@ A model spec is one of:
     (see :mod:`neobench.prune`);
   * a path to a ``.gguf`` file - dequantized once and cached;
   * a local directory written by ``save_pretrained``;
-  * a Hugging Face hub id such as ``meta-llama/Llama-3.2-1B-Instruct``.
+  * a Hugging Face hub id such as ``meta-llama/Llama-3.2-1B-Instruct``;
+  * ``random:ARCH`` or ``random:ARCH:LAYERS`` - a random-weight model of a real architecture
+    (``llama-3.2-1b``, ``llama-3.1-8b``), optionally with fewer decoder layers: the paper's
+    shapes with no download (see :func:`random_model_dir`).
 """
 
 from __future__ import annotations
@@ -105,6 +108,98 @@ def _gguf_cache_key(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+RANDOM_PREFIX = "random:"
+_LLAMA3 = dict(
+    vocab_size=128_256, num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+    max_position_embeddings=131_072, hidden_act="silu",
+)
+RANDOM_ARCHITECTURES = {
+    # The published configs of meta-llama/Llama-3.2-1B-Instruct and Llama-3.1-8B-Instruct.
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=500_000.0, factor=32.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                         tie_word_embeddings=False,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
+RANDOM_MARKER = "neobench_random.json"
+RANDOM_BLOCK = 1 << 20
+
+
+def parse_random_spec(spec: str) -> tuple[str, int]:
+    """``random:ARCH[:LAYERS]`` -> (architecture, decoder layers); a bad one names the valid forms."""
+    arch, _, layers = spec.removeprefix(RANDOM_PREFIX).partition(":")
+    if arch not in RANDOM_ARCHITECTURES:
+        raise NeobenchError(f"unknown random architecture {arch!r} in {spec!r}; valid: {', '.join(RANDOM_ARCHITECTURES)} (random:ARCH[:LAYERS])")
+    full = RANDOM_ARCHITECTURES[arch]["num_hidden_layers"]
+    if layers and not (layers.isdigit() and 1 <= int(layers) <= full):
+        raise NeobenchError(f"{spec!r}: LAYERS must be a number from 1 to {full} (the architecture's depth)")
+    return arch, int(layers) if layers else full
+
+
+def random_model_dir(spec: str) -> Path:
+    """A directory describing a random-weight model: config, tokenizer, no weights (they are drawn at load).
+
+    The tokenizer is the embedded SmolLM2 one (read from its GGUF, no download) with reserved
+    special tokens appended up to Llama 3's 128,256, so the vocabulary, which drives the cost of
+    the output head and the loss, is Llama 3's. Teacher and student specs of any of these
+    architectures share it, so they pass the shared-vocabulary check.
+    """
+    from transformers import AutoTokenizer, LlamaConfig
+
+    arch, layers = parse_random_spec(spec)
+    out = cache_dir() / "models" / f"random-{arch}-{layers}layers"
+    if (out / RANDOM_MARKER).is_file():
+        return out
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    vocab = RANDOM_ARCHITECTURES[arch]["vocab_size"]
+    config = LlamaConfig(**{**RANDOM_ARCHITECTURES[arch], "num_hidden_layers": layers},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with atomic_directory(out) as tmp:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Reserved tokens as plain vocabulary entries (no merge produces them): as "added tokens"
+        # 79,104 of them would make every load of the tokenizer take seconds.
+        spec_file = tmp / "tokenizer.json"
+        spec = json.loads(spec_file.read_text())
+        entries = spec["model"]["vocab"]
+        first = max(max(entries.values()), max((t["id"] for t in spec.get("added_tokens", [])), default=-1)) + 1
+        for i, token_id in enumerate(range(first, vocab)):
+            entries[f"<|reserved_special_token_{i}|>"] = token_id
+        spec_file.write_text(json.dumps(spec, ensure_ascii=False))
+        (tmp / RANDOM_MARKER).write_text(json.dumps({"spec": spec, "architecture": arch, "layers": layers}) + "\n")
+    return out
+
+
+def build_random_model(path: Path, dtype: torch.dtype, device: str):
+    """The random-weight model of a :func:`random_model_dir`, built on ``device`` in seconds.
+
+    Weights: one seeded block of 2^20 N(0, 0.02) values tiled over every matrix, norms at 1.
+    Drawing 8 billion independent normals would take minutes on a CPU; these weights measure
+    cost and exercise code, and nothing here depends on them being independent.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    block = (torch.randn(RANDOM_BLOCK, generator=torch.Generator().manual_seed(0)) * 0.02).to(device, dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.view(-1)
+            if param.dim() == 1:
+                flat.fill_(1.0)
+                continue
+            for start in range(0, flat.numel(), RANDOM_BLOCK):
+                stop = min(flat.numel(), start + RANDOM_BLOCK)
+                flat[start:stop].copy_(block[: stop - start])
+    return model
+
+
 def resolve_model(spec: str) -> str:
     """Turn a teacher/student spec into something ``from_pretrained`` accepts (a dir or hub id).
 
@@ -112,6 +207,8 @@ def resolve_model(spec: str) -> str:
     """
     if spec == EMBEDDED_TEACHER:
         return str(dequantize_gguf(embedded_gguf_path(), cache_dir() / "models" / EMBEDDED_TEACHER))
+    if spec.startswith(RANDOM_PREFIX):
+        return str(random_model_dir(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -149,6 +246,8 @@ def load_tokenizer(path: str):
 def load_causal_lm(path: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
+    if (Path(path) / RANDOM_MARKER).is_file():
+        return build_random_model(Path(path), dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:

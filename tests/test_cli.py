@@ -136,7 +136,8 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130
-    assert "interrupted: the unfinished run was discarded" in stderr
+    assert "the unfinished run was discarded (no --save-every)" in stderr
+    assert "interrupted; finished runs stay in" in stderr
     assert list((tmp_path / "runs").iterdir()) == []
 
 

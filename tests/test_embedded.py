@@ -74,7 +74,8 @@ def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
     cases = [(m, None) for m in ("sft", "kd", "minillm")] + [("lora", "lora")] + [("neo", v) for v in VARIANTS]
     for method, variant in cases:
         run_cfg = dataclasses.replace(cfg, method=method, variant=variant)
-        _, log, record = train(run_cfg, ws)
+        trained = train(run_cfg, ws)
+        log, record = trained.log, trained.record
         assert record["budget"]["steps"] == 1 and torch.isfinite(torch.tensor(log[0]["loss"])), (method, variant)
         if method in ("kd", "neo") and variant in (None, "lora"):
             from neobench.data import example_order

@@ -60,7 +60,7 @@ class Reached(Exception):
 
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
-    "run": ["neobench.experiment.execute_many"],
+    "run": ["neobench.experiment.execute_many", "neobench.cli.resume_run"],
     "eval": ["neobench.experiment.evaluate_run", "neobench.experiment.evaluate_model"],
     "report": ["neobench.results.load_results"],
     "ablate": ["neobench.ablation.run_study"],
@@ -93,10 +93,11 @@ def test_every_readme_command_parses_and_passes_its_checks(number, argv, monkeyp
 
 # --- on the tiny models -------------------------------------------------------------------------
 
-# README commands that need what a test cannot have (the network, a PostgreSQL server) or that
-# only multiply the work (seeds, workers, trials) are only checked above. The rest run with the
+# README commands that need what a test cannot have (the network, a PostgreSQL server, a killed
+# run to resume, the memory of 8B-shape models) or that only multiply the work (seeds, workers,
+# trials) are only checked above; tests/test_scale.py runs resume and random: models. The rest run with the
 # tiny preset added; on the tiny teacher (4 layers) pruned:15 becomes pruned:2.
-NOT_RUN = ("arc_easy", "postgresql://", "HuggingFaceTB/", "--seeds", "--workers", "--trials")
+NOT_RUN = ("arc_easy", "postgresql://", "HuggingFaceTB/", "--seeds", "--workers", "--trials", "--resume", "random:")
 
 
 
@@ -121,11 +122,12 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
     from neobench.cli import app
     from neobench.errors import NeobenchError
 
-    def run_in_this_process(cfg, run_id, extra_args=()):
+    def run_in_this_process(cfg, run_id, extra_args=(), nproc=1, resolved=True):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=tmp_path, delete=False) as f:
             yaml.safe_dump(cfg.to_dict(), f)
+        what = ["--preset", f.name, "--run-id", run_id] if resolved else []
         try:
-            code = app(["run", "--preset", f.name, "--run-id", run_id, *extra_args], standalone_mode=False)
+            code = app(["run", *what, *extra_args], standalone_mode=False)
         except NeobenchError:
             return 2
         return code if isinstance(code, int) else 0

@@ -19,11 +19,13 @@ def losses(log):
 
 
 def test_a_second_run_reuses_the_cache_without_loading_the_teacher(kd_cfg):
-    _, plain, _ = train(kd_cfg, prepare(kd_cfg))
+    plain = train(kd_cfg, prepare(kd_cfg)).log
     cached_cfg = dataclasses.replace(kd_cfg, teacher_cache="dense")
-    _, first, record1 = train(cached_cfg, prepare(cached_cfg))
+    run = train(cached_cfg, prepare(cached_cfg))
+    first, record1 = run.log, run.record
     ws = prepare(cached_cfg)
-    _, second, record2 = train(dataclasses.replace(cached_cfg, method="neo"), ws)
+    run = train(dataclasses.replace(cached_cfg, method="neo"), ws)
+    second, record2 = run.log, run.record
     assert record1["cost"]["teacher_cache"]["misses"] > 0
     assert record2["cost"]["teacher_cache"]["misses"] == 0 and ws._teacher is None, "all cached: no teacher load"
     # fp16 log-probabilities change the KD term only in the 4th digit.
@@ -31,10 +33,10 @@ def test_a_second_run_reuses_the_cache_without_loading_the_teacher(kd_cfg):
 
 
 def test_top_k_of_the_whole_vocabulary_equals_dense(kd_cfg, tiny):
-    _, dense, _ = train(dataclasses.replace(kd_cfg, teacher_cache="dense"), prepare(kd_cfg))
-    _, topk, _ = train(dataclasses.replace(kd_cfg, teacher_cache=f"topk:{tiny['vocab']}"), prepare(kd_cfg))
+    dense = train(dataclasses.replace(kd_cfg, teacher_cache="dense"), prepare(kd_cfg)).log
+    topk = train(dataclasses.replace(kd_cfg, teacher_cache=f"topk:{tiny['vocab']}"), prepare(kd_cfg)).log
     assert losses(topk) == pytest.approx(losses(dense), rel=1e-6)
-    _, top8, _ = train(dataclasses.replace(kd_cfg, teacher_cache="topk:8"), prepare(kd_cfg))
+    top8 = train(dataclasses.replace(kd_cfg, teacher_cache="topk:8"), prepare(kd_cfg)).log
     assert losses(top8) != pytest.approx(losses(dense), rel=1e-6)  # a real approximation, still close
     assert losses(top8) == pytest.approx(losses(dense), rel=0.1)
 
@@ -42,14 +44,15 @@ def test_top_k_of_the_whole_vocabulary_equals_dense(kd_cfg, tiny):
 def test_corrupt_or_mismatched_entries_are_rebuilt_not_used(kd_cfg):
     cfg = dataclasses.replace(kd_cfg, teacher_cache="topk:8")
     ws = prepare(cfg)
-    _, first, _ = train(cfg, ws)
+    first = train(cfg, ws).log
     cache = TeacherCache.for_run(CacheMode.parse("topk:8"), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size)
     files = sorted(cache.root.glob("ex-*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:-7] + b"garbage")  # corrupt one entry
     index = int(files[1].stem.split("-")[1])
     other = ws.data.examples[(index + 1) % len(ws.data.examples)]
     assert cache.load(index, other) is None and not files[1].exists()  # made for other tokens
-    _, again, record = train(cfg, prepare(cfg))
+    run = train(cfg, prepare(cfg))
+    again, record = run.log, run.record
     assert record["cost"]["teacher_cache"]["rebuilt"] == 1 and record["cost"]["teacher_cache"]["misses"] == 2
     assert losses(again) == pytest.approx(losses(first), rel=1e-6)
 

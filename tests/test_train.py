@@ -10,7 +10,7 @@ from neobench.adapters import VARIANTS, apply_adapter, merged_copy
 from neobench.data import collate
 from neobench.methods import METHODS, objective
 from neobench.models import load_causal_lm
-from neobench.train import WEIGHTS_FILE, build_student, changed_weights, load_trained_student, prepare, train
+from neobench.train import WEIGHTS_FILE, build_student, load_trained_student, prepare, train
 
 CASES = [(m, None) for m, spec in METHODS.items() if spec.trains == "all"] + [
     (m, v) for m, spec in METHODS.items() if spec.trains == "adapter" for v in VARIANTS
@@ -43,7 +43,8 @@ def test_every_method_and_variant_lowers_its_loss(workspace, method, variant, tm
     base, ws = workspace
     cfg = dataclasses.replace(base, method=method, variant=variant)
     before = fixed_batch_loss(cfg, ws, build_student(cfg, ws).eval())
-    student, log, record = train(cfg, ws)
+    trained = train(cfg, ws)
+    student, log, record = trained.student, trained.log, trained.record
     after = fixed_batch_loss(cfg, ws, student.eval())
     assert after < before - 0.05, f"{method}+{variant}: loss {before:.4f} -> {after:.4f}"
     assert len(log) == 6 and record["budget"]["steps"] == 6
@@ -58,7 +59,7 @@ def test_every_method_and_variant_lowers_its_loss(workspace, method, variant, tm
     from safetensors.torch import save_file
 
     weights = tmp_path / WEIGHTS_FILE
-    save_file(changed_weights(student, cfg), str(weights))
+    save_file(trained.weights, str(weights))
     reloaded = load_trained_student(cfg, ws, weights)
     batch = collate(ws.data.examples, ws.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -91,8 +92,8 @@ def test_gradient_accumulation_matches_one_big_batch(workspace, n):
     # A small loss chunk makes the chunked KD path part of the check.
     one = dataclasses.replace(base, method="kd", batch_size=n, grad_accum=1, max_steps=2, loss_chunk_tokens=16)
     four = dataclasses.replace(one, batch_size=1, grad_accum=n)
-    s1, log1, _ = train(one, ws)
-    s4, log4, _ = train(four, ws)
+    run1, run4 = train(one, ws), train(four, ws)
+    s1, log1, s4, log4 = run1.student, run1.log, run4.student, run4.log
     for a, b in zip(log1, log4):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for p1, p4 in zip(s1.parameters(), s4.parameters()):
@@ -102,7 +103,8 @@ def test_gradient_accumulation_matches_one_big_batch(workspace, n):
 def test_wall_clock_cap_stops_early_and_says_so(workspace):
     base, ws = workspace
     cfg = dataclasses.replace(base, method="sft", max_steps=50, max_wall_seconds=1e-9)
-    _, log, record = train(cfg, ws)
+    run = train(cfg, ws)
+    log, record = run.log, run.record
     assert len(log) == 1
     assert record["budget"]["stopped_by"] == "max_wall_seconds" and record["budget"]["planned_steps"] == 50
 
@@ -121,7 +123,7 @@ def test_every_step_changes_the_weights(workspace):
     base, ws = workspace
     cfg = dataclasses.replace(base, method="sft", max_steps=1)  # one step, and it is a warm-up step
     before = [p.detach().clone() for p in build_student(cfg, ws).parameters()]
-    student, _, _ = train(cfg, ws)
+    student = train(cfg, ws).student
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
@@ -143,7 +145,8 @@ def test_minillm_samples_its_own_responses_and_learns(workspace):
 
     for variant in (None, "lora"):
         cfg = dataclasses.replace(base, method="minillm", variant=variant, max_steps=4)
-        student, log, record = train(cfg, ws)
+        run = train(cfg, ws)
+        student, log, record = run.student, run.log, run.record
         assert record["cost"]["generation_seconds"] > 0
         assert record["cost"]["update_seconds"] == pytest.approx(record["cost"]["train_seconds"] - record["cost"]["generation_seconds"])
         assert all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in log)
