@@ -75,14 +75,16 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
     # Task names and data are checked before training, so a missing data set costs seconds, not a run.
     taskset = load_tasks(spec, ws.student_path) if spec.tasks and world.main else None
     run_id = broadcast_object(run_id or new_run_id(cfg), world)  # one id: each rank would stamp its own
-    checkpoint, resume_rows = None, None
+    checkpoint, resume_rows, regrouped = None, None, False
     if resume:
         checkpoint = ckpt.latest(Path(cfg.runs_dir) / f".tmp-{run_id}")
-        resume_rows = ckpt.read_state(checkpoint)["step"]
+        saved = ckpt.read_state(checkpoint)
+        resume_rows = saved["step"]
+        cfg, regrouped = same_global_batch(cfg, saved["world_size"], world.size), saved["world_size"] != world.size
         if world.main:
             console.print(f"resuming {run_id} from step {resume_rows} ({checkpoint})", highlight=False)
     with RunWriter(cfg.runs_dir, run_id, resume_rows=resume_rows, active=world.main) as writer:
-        if not resume:
+        if not resume or regrouped:
             writer.write_config(cfg)
         # In a terminal, a live bar; in a log (CI, nohup, `> file`), plain lines: rich would print
         # only the bar's last state, squeezed into 80 columns, after minutes of silence.
@@ -140,6 +142,20 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
     if taskset is not None:
         evaluate_student(cfg, ws, trained.student, run_dir, taskset)
     return metrics
+
+
+def same_global_batch(cfg: RunConfig, saved_world: int, world: int) -> RunConfig:
+    """The run's config for ``world`` processes with the global batch it had on ``saved_world``: grad_accum absorbs the change."""
+    if saved_world == world:
+        return cfg
+    total = cfg.grad_accum * saved_world
+    if total % world:
+        raise NeobenchError(
+            f"the checkpoint was written by {saved_world} processes x grad_accum {cfg.grad_accum}; {world} processes cannot "
+            f"keep that global batch ({total} micro-batches of {cfg.batch_size} per step); resume with a process count dividing {total}"
+        )
+    console.print(f"{saved_world} -> {world} processes: grad_accum {cfg.grad_accum} -> {total // world}, the same global batch", highlight=False)
+    return dataclasses.replace(cfg, grad_accum=total // world)
 
 
 BOARD_SCALARS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")

@@ -458,6 +458,7 @@ def train(
             local_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
             step_targets = max(1.0, all_sum([local_targets], world, ws.device)[0])
             sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, kd, tokens, response tokens (this rank)
+            cache_before = (counters["hits"], counters["misses"])
             for k, (batch, batch_picks) in enumerate(zip(micro_batches, micro_picks)):
                 batch = {name: v.to(ws.device) for name, v in batch.items()}
                 with sync_gradients(scorer, last_micro_step=k == len(micro_batches) - 1):
@@ -478,7 +479,10 @@ def train(
                 sums[2] += float(parts["kd_sum"])
                 sums[3] += int(batch["attention_mask"].sum())
                 sums[4] += parts["tokens"]
-            loss, ce, kd, step_tokens, step_response = all_sum(sums, world, ws.device)
+            # Each process reads and writes the cache entries of its own examples: count them all.
+            cache_step = [counters["hits"] - cache_before[0], counters["misses"] - cache_before[1]]
+            loss, ce, kd, step_tokens, step_response, hits, misses = all_sum(sums + cache_step, world, ws.device)
+            counters["hits"], counters["misses"] = cache_before[0] + int(hits), cache_before[1] + int(misses)
             norm = grad_norm(trainable, cfg.max_grad_norm)
             loss, ce, kd = loss / step_targets, ce / step_targets, kd / step_targets
             if injected_fault("nan-at-step", step + 1):

@@ -198,7 +198,8 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_pat
 
 
 def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path, cli):
-    study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24})
+    # save_every 1: the killed trial's run has a checkpoint, and its retry continues from it.
+    study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24}, fixed={"method": "neo", "save_every": 1})
     runs = tmp_path / "runs"
     storage = runs / "ablations.db"
     proc = subprocess.Popen(
@@ -211,7 +212,7 @@ def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, t
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             finished = [r for r in runs.glob("tiny-*") if (r / "metrics.json").is_file()] if runs.is_dir() else []
-            training = [p for p in runs.glob(".tmp-*/train_log.jsonl") if p.stat().st_size] if runs.is_dir() else []
+            training = list(runs.glob(".tmp-*/checkpoint/latest")) if runs.is_dir() else []
             if len(finished) == 1 and training:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -226,14 +227,16 @@ def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, t
 
     code, stderr = cli("ablate", str(study), "--no-report")
     assert code == 0, stderr[-3000:]
-    assert "re-queued trial" in stderr
+    assert "re-queued trial" in stderr and "from its checkpoint" in stderr
     trials = trials_in(storage, "resume")
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
     retried = next(t for t in trials if t.system_attrs.get("failed_trial") is not None)
     assert retried.state.name == "COMPLETE" and retried.params == killed_params
     assert sorted(t.params["rank"] for t in trials if t.state.name == "COMPLETE") == [2, 4, 8]
-    assert len(run_configs(runs)) == 3, "the killed trial left no run behind; its retry did"
+    assert len(run_configs(runs)) == 3, "the killed trial's run was continued by its retry"
+    resumed = [json.loads((r / "metrics.json").read_text()) for r in runs.glob("tiny-*")]
+    assert sum("resumed_from_step" in m for m in resumed) == 1
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
