@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test test-postgres bench bench-paper-shape gpu-check leaderboard ablations report clean
+.PHONY: setup demo test test-postgres test-paper-shape bench bench-paper-shape gpu-check leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,6 +36,12 @@ test: $(STAMP)
 test-postgres: $(STAMP)
 	$(PY) -m pip install --quiet "psycopg[binary]>=3.1"
 	tests/postgres/with_cluster.sh $(PY) -m pytest -q -m postgres tests/test_postgres.py
+
+# The paper preset on random-weight models of the paper's shapes (Llama-3.1-8B teacher, Llama-3.2-1B
+# student, 1 decoder layer each): kd and neo train 2 steps. About a minute and 10 GB of memory,
+# so it is kept out of `make test`; .ci/run runs it.
+test-paper-shape: $(STAMP)
+	NEOBENCH_TEST_PAPER_SHAPE=1 $(PY) -m pytest -q -m paper_shape tests/test_scale.py
 
 # The committed leaderboards/smol-cpu/: the method matrix for 3 seeds, then lora and neo with
 # every other adapter variant, minillm, and neo with JSD from a top-64 teacher cache (seed 0),

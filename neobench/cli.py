@@ -119,6 +119,7 @@ def run(
     }
     from neobench.distributed import close, launched_world
     from neobench.experiment import ChildDiverged
+    from neobench.runs import new_run_id
 
     given = {k: v for k, v in flags.items() if v is not None}
     under_torchrun = launched_world().distributed
@@ -133,10 +134,15 @@ def run(
         if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
             run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
+        cfgs = plan(base, method, variant, seeds)
         if under_torchrun:  # every rank runs the plan in this process
-            results = [r for cfg in plan(base, method, variant, seeds) if (r := execute(cfg))]
-        else:
-            results = execute_many(plan(base, method, variant, seeds), nproc)
+            results = [r for cfg in cfgs if (r := execute(cfg))]
+        elif len(cfgs) == 1 and nproc == 1:
+            # One run: this process is fresh, so it trains here (a child would cost its start-up again).
+            single_id = new_run_id(cfgs[0])
+            results = [interrupted_exits(lambda: execute(cfgs[0], run_id=single_id), cfgs[0], single_id)]
+        else:  # several runs: each in its own process, so each peak memory is its own
+            results = execute_many(cfgs, nproc)
     except KeyboardInterrupt:
         if run_id is None and world.main:  # the parent speaks for both
             console.print(f"interrupted; finished runs stay in {base.runs_dir}/")

@@ -129,7 +129,7 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
         while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
             time.sleep(0.5)
         time.sleep(2)  # a few steps in
-        proc.send_signal(signal.SIGINT)  # to the parent only: it must pass the interrupt on to its run
+        proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C would: the run stops after its step
         stderr = proc.communicate(timeout=120)[1]
     finally:  # never leave a 100000-step run behind to slow the tests after this one
         if proc.poll() is None:
@@ -137,7 +137,6 @@ def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
             proc.wait()
     assert proc.returncode == 130
     assert "the unfinished run was discarded (no --save-every)" in stderr
-    assert "interrupted; finished runs stay in" in stderr
     assert list((tmp_path / "runs").iterdir()) == []
 
 

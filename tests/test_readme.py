@@ -60,7 +60,7 @@ class Reached(Exception):
 
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
-    "run": ["neobench.experiment.execute_many", "neobench.cli.resume_run"],
+    "run": ["neobench.experiment.execute_many", "neobench.experiment.execute", "neobench.cli.resume_run"],
     "eval": ["neobench.experiment.evaluate_run", "neobench.experiment.evaluate_model"],
     "report": ["neobench.results.load_results"],
     "ablate": ["neobench.ablation.run_study"],
