@@ -58,7 +58,7 @@ def main() -> int:
     rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="neobench-gpu-check-") as tmp:
         tmp = Path(tmp)
-        data = long_conversations(tmp / "long.jsonl", turns=6, n=16)
+        data = long_conversations(tmp / "long.jsonl", turns=12, n=16)
         common = ["--preset", "paper-llama3.2", "--teacher", teacher, "--student", student, "--train-data", str(data),
                   "--train-split", "train", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--tasks", "none",
                   "--dtype", "bfloat16", "--device", "cuda"]

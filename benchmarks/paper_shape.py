@@ -7,7 +7,7 @@
 Teacher random:llama-3.1-8b, student random:llama-3.2-1b (neobench.models: the published configs,
 vocabulary 128,256, random weights), the paper preset's LoRA rank 128, kd_ratio 0.9 and seq_len
 1,024. The data are the packaged Magpie conversations joined into multi-turn ones long enough to
-fill 1,024 tokens. Each method runs as `neobench run` in its own process (so its peak memory is
+fill (and be cut at) 1,024 tokens. Each method runs as `neobench run` in its own process (so its peak memory is
 its own); seconds per step are the mean over the steps after the first (warm-up).
 """
 
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="neobench-paper-shape-") as tmp:
-        data = long_conversations(Path(tmp) / "long.jsonl", turns=6, n=args.steps * args.batch_size * args.grad_accum * args.nproc)
+        data = long_conversations(Path(tmp) / "long.jsonl", turns=12, n=args.steps * args.batch_size * args.grad_accum * args.nproc)
         results = [run_method(m, args, data, Path(tmp) / "runs") for m in args.methods.split(",")]
     first = results[0]
     print(f"paper shapes: teacher Llama-3.1-8B x {args.teacher_layers}/32 layers, student Llama-3.2-1B x "

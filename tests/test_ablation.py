@@ -309,3 +309,29 @@ def test_every_worker_of_a_grid_study_reads_grid_ids_alike(tiny_preset, tmp_path
     create_study(spec, "g", url, "minimize", "test")
     grids = [load_study(spec, "g", url, worker)[0].sampler._all_grids for worker in (1, 2, 3)]
     assert grids[0] == grids[1] == grids[2]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_diverged_trial_is_failed_with_its_reason_and_never_run_again(tiny_preset, tmp_path, monkeypatch):
+    """The trial process exits 4 (diverged) and leaves failure.json: FAIL, reason kept, no retry."""
+    from neobench.ablation import create_study, work
+    from neobench.errors import DIVERGED_EXIT
+
+    launched = []
+
+    def diverging_run(cfg, run_id, extra_args=(), nproc=1, resolved=True):
+        launched.append(cfg.rank)
+        unfinished = Path(cfg.runs_dir) / f".tmp-{run_id}"
+        unfinished.mkdir(parents=True)
+        (unfinished / "failure.json").write_text(json.dumps({"reason": "diverged", "message": f"rank {cfg.rank} diverged at step 3"}))
+        return DIVERGED_EXIT
+
+    monkeypatch.setattr("neobench.experiment.run_in_child", diverging_run)
+    spec = load_spec(str(write_study(tmp_path, "nan", tiny_preset, trials=2, space={"rank": {"type": "int", "low": 2, "high": 8, "grid": [2, 8]}})))
+    storage = f"sqlite:///{tmp_path / 'nan.db'}"
+    create_study(spec, "nan", storage, "minimize", "test")
+    work(spec, "nan", storage, 2, str(tmp_path / "runs"))
+    trials = trials_in(tmp_path / "nan.db", "nan")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"], "diverged trials count as done: none is queued again"
+    assert sorted(launched) == [2, 8]
+    assert {t.user_attrs["diverged"] for t in trials} == {"rank 2 diverged at step 3", "rank 8 diverged at step 3"}

@@ -206,5 +206,8 @@ def test_the_paper_preset_trains_kd_and_neo_on_random_paper_shape_models(tmp_pat
         cfg = dataclasses.replace(base, method=method)
         run = train(cfg, ws)
         assert len(run.log) == 2 and all(r["loss"] == r["loss"] for r in run.log)
+        if method == "kd":  # Llama-3.2-1B ties its output head to its embedding
+            assert run.student.get_output_embeddings().weight is run.student.get_input_embeddings().weight
+            assert run.record["cost"]["total_params"] == 2048 * 128_256 + 60_821_504 + 2048
     teacher = ws.teacher()
     assert teacher.config.hidden_size == 4096 and teacher.get_output_embeddings().weight.shape == (128_256, 4096)
