@@ -126,7 +126,7 @@ def run(
     if nproc > 1 and under_torchrun:
         raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
     if resume is not None:
-        resume_run(resume, runs_dir or "runs", given, (method, variant, seeds, preset), nproc, run_id is not None)
+        resume_run(resume, runs_dir or "runs", given, (method, variant, seeds, preset), nproc)
         return
     base = apply_overrides(load_preset(preset), given, "command-line flags")
     world = launched_world()
@@ -164,11 +164,11 @@ def run(
             console.print(scores)
 
 
-def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int, is_child: bool) -> None:
+def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int) -> None:
     """`neobench run --resume RUN_ID`: continue an unfinished run as it was configured."""
     from neobench.config import load_preset, validate
     from neobench.distributed import close, launched_world
-    from neobench.experiment import execute, run_in_child
+    from neobench.experiment import execute, run_in_child, summary_table
     from neobench.runs import unfinished_run
 
     extra = sorted(k for k in given if k != "runs_dir")
@@ -186,9 +186,12 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int,
             raise typer.Exit(code)
         return
     try:
-        interrupted_exits(lambda: execute(cfg, run_id=run_id, resume=True), cfg, run_id)
+        metrics = interrupted_exits(lambda: execute(cfg, run_id=run_id, resume=True), cfg, run_id)
     finally:
         close(world)
+    if world.main:
+        console.print(summary_table([metrics]))
+        console.print(f"  {metrics['run_dir']} (resumed from step {metrics['resumed_from_step']})", highlight=False)
 
 
 def interrupted_exits(work, cfg, run_id: str):
