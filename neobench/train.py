@@ -473,7 +473,7 @@ def train(
                     else:
                         parts = offline_objective(cfg, ws, method, scorer, student_head_of, batch, batch_picks, cache, counters)
                     # x world: DDP and FSDP average gradients over ranks; the sum over ranks is wanted.
-                    (parts["loss"] * (world.size / step_targets)).backward()
+                    (parts["loss"] * world.size / step_targets).backward()  # (x * 1) / n == x / n: one process as before
                 sums[0] += float(parts["loss"].detach())
                 sums[1] += float(parts["ce_sum"])
                 sums[2] += float(parts["kd_sum"])
