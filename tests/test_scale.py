@@ -46,6 +46,9 @@ def two_process_runs(tiny, tmp_path_factory):
     # A checkpoint written by 2 processes (stopped after step 2 of 3), for the 1-process resume below.
     cfg = tiny_config(tiny, out, method="neo", strategy="fsdp", optimizer="sgd", grad_accum=2, save_every=1)
     plan.append({"name": "fsdp-neo-stopped", "config": cfg.to_dict(), "stop_after": 2})
+    # A whole run as `neobench run --nproc 2` makes it: run directory, evaluation, per-rank memory.
+    cfg = tiny_config(tiny, out, method="neo", grad_accum=2, eval_tasks="neo_heldout_nll", eval_limit=4)
+    plan.append({"name": "whole-run", "config": cfg.to_dict(), "execute": True})
     (out / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "NEOBENCH_CACHE": str(out / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -71,6 +74,26 @@ def test_two_processes_train_what_one_process_trains(two_process_runs, tiny, tmp
     # AdamW divides by sqrt(v): where a gradient entry is ~0, reduction-order noise of 1e-9 moves
     # the update by up to lr. Measured here: 0 for SGD and AdamW alike (2 ranks sum commutatively).
     assert max_difference(one, two) <= (1e-6 if optimizer == "sgd" else 1e-5)
+
+
+def test_a_two_process_run_is_written_once_and_reported_as_the_same_budget(two_process_runs, tiny, tmp_path):
+    from neobench.experiment import execute
+    from neobench.results import load_results
+
+    runs = two_process_runs / "runs"
+    assert [p.name for p in runs.iterdir()] == ["whole-run"], "rank 0 alone writes the run"
+    metrics = json.loads((runs / "whole-run" / "metrics.json").read_text())
+    assert metrics["budget"]["world_size"] == 2 and metrics["budget"]["global_batch"] == 8
+    assert len(metrics["cost"]["peak_memory_bytes_per_rank"]) == 2
+    assert metrics["cost"]["peak_memory_bytes"] == max(metrics["cost"]["peak_memory_bytes_per_rank"])
+    assert len(list((runs / "whole-run" / "evaluations").glob("*.json"))) == 1, "evaluated once"
+    # One process with twice the accumulation: the same budget and config key in the report.
+    single = tiny_config(tiny, tmp_path, method="neo", grad_accum=4, eval_tasks="neo_heldout_nll", eval_limit=4)
+    execute(single, run_id="one-process")
+    rows = load_results(runs), load_results(tmp_path / "runs")
+    students = [r[r["model"] == "student"].iloc[0] for r in rows]
+    for column in ("config_key", "steps", "tokens", "grad_accum", "batch_size", "data_hash"):
+        assert students[0][column] == students[1][column], column
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(two_process_runs, tiny, tmp_path):

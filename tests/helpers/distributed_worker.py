@@ -2,9 +2,11 @@
 
     torchrun --nproc-per-node 2 tests/helpers/distributed_worker.py PLAN.json OUT_DIR
 
-PLAN.json: a list of {"name", "config": RunConfig fields, "stop_after": optional step}. A case
-with "stop_after" raises after that step (its checkpoints, taken with save_every, stay in
-OUT_DIR/<name>/.tmp-run); the others save their final changed weights to OUT_DIR/<name>.safetensors.
+PLAN.json: a list of {"name", "config": RunConfig fields, "stop_after": optional step, "execute":
+optional}. A case with "stop_after" raises after that step (its checkpoints, taken with
+save_every, stay in OUT_DIR/<name>/.tmp-run); an "execute" case is a whole run as `neobench run`
+makes it (run directory under config runs_dir, named <name>, evaluation on rank 0); the others
+save their final changed weights to OUT_DIR/<name>.safetensors.
 One launch trains every case: the process start-up (seconds of imports) is paid once.
 """
 
@@ -28,6 +30,11 @@ def main() -> None:
     world = None
     for case in plan:
         cfg = apply_overrides(RunConfig(), case["config"], case["name"])
+        if case.get("execute"):
+            from neobench.experiment import execute
+
+            execute(cfg, run_id=case["name"])
+            continue
         ws = prepare(cfg)
         world = ws.world
         run_tmp = out / case["name"] / ".tmp-run"
