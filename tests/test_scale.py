@@ -234,3 +234,14 @@ def test_the_paper_preset_trains_kd_and_neo_on_random_paper_shape_models(tmp_pat
             assert run.record["cost"]["total_params"] == 2048 * 128_256 + 60_821_504 + 2048
     teacher = ws.teacher()
     assert teacher.config.hidden_size == 4096 and teacher.get_output_embeddings().weight.shape == (128_256, 4096)
+
+
+def test_resuming_on_another_process_count_keeps_the_global_batch():
+    from neobench.errors import NeobenchError
+    from neobench.experiment import same_global_batch
+
+    cfg = RunConfig(batch_size=2, grad_accum=3)
+    assert same_global_batch(cfg, 2, 1).grad_accum == 6 and same_global_batch(cfg, 2, 3).grad_accum == 2
+    assert same_global_batch(cfg, 2, 2) is cfg
+    with pytest.raises(NeobenchError, match="4 processes cannot keep that global batch"):
+        same_global_batch(cfg, 2, 4)
