@@ -198,8 +198,8 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tiny_preset, tmp_pat
 
 
 def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, tmp_path, cli):
-    # save_every 1: the killed trial's run has a checkpoint, and its retry continues from it.
-    study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24}, fixed={"method": "neo", "save_every": 1})
+    # save_every 4: the killed trial's run has a checkpoint (step 4 of 24), and its retry continues from it.
+    study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24}, fixed={"method": "neo", "save_every": 4})
     runs = tmp_path / "runs"
     storage = runs / "ablations.db"
     proc = subprocess.Popen(
