@@ -361,7 +361,7 @@ def fidelity_scores(
     device = next(student.parameters()).device
     vocab = slice(None, vocab_size)
     scores: dict[str, list[float]] = {"kl": [], "top1_agreement": []}
-    with CountProgress("neo_fidelity") as bar:
+    with CountProgress("neo_fidelity", log_fraction=None) as bar:  # in a log: one line, like lm-eval's tasks
         bar.start(len(examples))
         for start in range(0, len(examples), batch_size):
             _fidelity_batch(student, teacher, tokenizer.pad_token_id, examples[start : start + batch_size], vocab, device, scores)
