@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 
-from neobench.distributed import World, barrier
+from neobench.distributed import World, barrier, inner
 
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest"
@@ -59,8 +59,7 @@ def _dcp_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     model_state, optim_state = get_state_dict(wrapped, optimizer, options=options)
     # ignore_frozen_params keeps a frozen weight that is tied to another (an adapter run's tied
     # lm_head: 113 MB of SmolLM2 in every checkpoint): keep exactly the trainable ones.
-    module = wrapped.module if hasattr(wrapped, "no_sync") else wrapped  # DDP's inner module
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in inner(wrapped).named_parameters() if p.requires_grad}
     return {"model": {k: v for k, v in model_state.items() if k in trainable}, "optim": optim_state}
 
 

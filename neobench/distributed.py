@@ -182,6 +182,13 @@ def wrap_student(model: torch.nn.Module, strategy: str, world: World, device: st
     return DistributedDataParallel(ScoredHidden(model), device_ids=ids, broadcast_buffers=False)
 
 
+def inner(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """The ScoredHidden inside DDP (FSDP2 and a single process have no wrapper around it)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+
+
 def sync_gradients(wrapped: torch.nn.Module, last_micro_step: bool):
     """A context for one micro-step's forward and backward: gradients are reduced on the last only."""
     from torch.nn.parallel import DistributedDataParallel
@@ -213,9 +220,8 @@ def full_state(wrapped: torch.nn.Module, names: set[str]) -> dict[str, torch.Ten
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not hasattr(wrapped, "set_requires_gradient_sync"):
-        module = wrapped.module if hasattr(wrapped, "module") else wrapped
-        return {n: p.detach().cpu().contiguous() for n, p in module.model.named_parameters() if n in names}
+    if not hasattr(wrapped, "set_requires_gradient_sync"):  # not FSDP: every tensor is whole here
+        return {n: p.detach().cpu().contiguous() for n, p in inner(wrapped).model.named_parameters() if n in names}
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k.removeprefix("model."): v.contiguous() for k, v in state.items() if k.removeprefix("model.") in names}
 

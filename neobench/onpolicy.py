@@ -79,7 +79,6 @@ def minillm_objective(
     """
     from neobench.fused_loss import LossSpec, fused_loss
     from neobench.precision import autocast
-    from neobench.train import teacher_hidden
 
     generator = torch.Generator().manual_seed(step_seed)
     n_gold = round(cfg.minillm_gold_fraction * len(examples))
@@ -105,7 +104,7 @@ def minillm_objective(
     with autocast(ws.device, ws.dtype):
         hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     sampled = fused_loss(
-        hidden, student_head, targets[mask], teacher_hidden(ws, batch, mask),
+        hidden, student_head, targets[mask], ws.teacher_hidden(batch, mask),
         LossSpec(0.0, n_gold_tokens / n_sampled, "reverse_kl", cfg.temperature, chunk_tokens=chunk), ws.dtype,
     )
     parts = {

@@ -4,7 +4,7 @@
         config.yaml                   the resolved RunConfig
         train_log.jsonl               one row per optimizer step
         metrics.json                  budget, cost, final losses, data report, versions
-        trained_weights.safetensors   the tensors training changed (see neobench.train.changed_weights)
+        trained_weights.safetensors   the tensors training changed (see neobench.train.changed_names)
         evaluations/<spec hash>.json  scores of the student and the reference models (neobench.evaluation)
 
 A run is written under ``runs/.tmp-<run_id>/`` and renamed into place only when complete, so a

@@ -25,10 +25,10 @@ from neobench.fused_loss import LogitHead, LossSpec, TeacherHidden, check_head, 
 from neobench.losses import TeacherLogProbs, next_token_targets
 from neobench.methods import METHODS, Method
 from neobench.models import check_shared_vocabulary, load_causal_lm, load_tokenizer, output_rows, pick_device, resolve_model
-from neobench.precision import autocast, dtype_name, pick_dtype
-from neobench.registry import Registry
 from neobench.distributed import World
+from neobench.precision import autocast, dtype_name, pick_dtype
 from neobench.prune import parse_pruned_spec, pruned_student_dir
+from neobench.registry import Registry
 
 
 @dataclass
@@ -55,10 +55,6 @@ class Workspace:
             self._teacher_head = LogitHead.of(self._teacher, self.vocab_size)
             check_head(self._teacher, self._teacher_head, self.teacher_path)
         return self._teacher
-
-    def teacher_head(self) -> LogitHead:
-        self.teacher()
-        return self._teacher_head
 
     @property
     def shards_teacher(self) -> bool:
@@ -205,11 +201,6 @@ def group_by_length(picks: list[int], lengths: list[int], batch_size: int) -> li
     return [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]
 
 
-def teacher_hidden(ws: Workspace, batch: dict, mask: torch.Tensor) -> TeacherHidden:
-    """The teacher's last hidden states at the scored positions; no logits, no autograd record."""
-    return ws.teacher_hidden(batch, mask)
-
-
 def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks: list[int], counts: dict) -> TeacherLogProbs:
     """The micro-batch's teacher distributions from the cache, running the teacher for missing examples."""
     from neobench.fused_loss import project
@@ -218,7 +209,7 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
     if missing:
-        teacher = teacher_hidden(ws, batch, mask)
+        teacher = ws.teacher_hidden(batch, mask)
         per_example = torch.split(teacher.hidden, mask.sum(1).tolist())
         for j in missing:
             with torch.no_grad():
@@ -249,7 +240,7 @@ def offline_objective(cfg, ws, method, scorer, student_head_of, batch, picks, ca
         hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     teacher = None
     if method.uses_teacher:
-        teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else teacher_hidden(ws, batch, mask)
+        teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else ws.teacher_hidden(batch, mask)
     parts = fused_loss(hidden, student_head_of(), targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
     ws.release_teacher_shards()
     return {**parts, "tokens": int(mask.sum())}
@@ -325,8 +316,8 @@ class StopSignals:
 WEIGHTS_FILE = "trained_weights.safetensors"
 
 
-def changed_weights(student: torch.nn.Module, cfg: RunConfig, names_only: bool = False):
-    """The tensors training changed: trainable ones, plus base weights an adapter's init rewrote (PiSSA).
+def changed_names(student: torch.nn.Module, cfg: RunConfig) -> set[str]:
+    """Names of the tensors training changed: trainable ones, plus base weights an adapter's init rewrote (PiSSA).
 
     Saving these (not a merged model) keeps adapter runs small: megabytes, not the whole student.
     """
@@ -334,11 +325,7 @@ def changed_weights(student: torch.nn.Module, cfg: RunConfig, names_only: bool =
 
     variant = cfg.effective_variant()
     rewrites_base = variant is not None and VARIANTS.get(variant).rewrites_base
-    names = [name for name, p in student.named_parameters() if p.requires_grad or (rewrites_base and ".base_layer." in name)]
-    if names_only:
-        return names
-    params = dict(student.named_parameters())
-    return {name: params[name].detach().cpu().contiguous() for name in names}
+    return {name for name, p in student.named_parameters() if p.requires_grad or (rewrites_base and ".base_layer." in name)}
 
 
 def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.nn.Module:
@@ -522,7 +509,7 @@ def train(
                 break
         wall = time.perf_counter() - start
     peaks = all_gather_int(memory.peak_bytes(), world, ws.device)
-    weights = full_state(scorer, set(changed_weights(student, cfg, names_only=True)))
+    weights = full_state(scorer, changed_names(student, cfg))
     if world.distributed and cfg.strategy == "fsdp":
         # Rank 0 carries on alone (evaluation): rebuild a whole student from the gathered weights.
         student = None
