@@ -45,6 +45,10 @@ GRACE_SECONDS = 300
 MAX_FAILURES_IN_A_ROW = 3
 MAX_RETRIES = 3
 SET_BY_ABLATE = ("study", "trial", "seed", "preset", "runs_dir")
+SELECTION_SPLIT = "validation"
+"""Trials are scored on this part of the held-out data; the leaderboard's part ("test") stays unseen."""
+NEVER_SELECT_ON = ("test", "heldout")
+"""Splits a study may not score: test, or the whole held-out file that contains it."""
 BUDGET_KEYS = ("max_steps", "batch_size", "grad_accum", "seq_len", "max_examples", "max_wall_seconds")
 SPEC_KEYS = ("description", "preset", "objective", "space", "sampler", "seed", "trials", "seeds", "budget",
              "fixed", "pruner", "intermediate")
@@ -128,14 +132,15 @@ class StudySpec:
 
     def base_config(self) -> RunConfig:
         cfg = load_preset(self.preset)
-        return validate(apply_overrides(cfg, {**dict(self.budget), **dict(self.fixed)}, f"study {self.source!r}"))
+        overrides = {**dict(self.budget), "eval_split": SELECTION_SPLIT, **dict(self.fixed)}
+        return validate(apply_overrides(cfg, overrides, f"study {self.source!r}"))
 
     def fingerprint(self) -> dict:
         """What makes two studies the same experiment (not the description or trial count)."""
         return {
             "preset": self.preset, "objective": self.objective, "space": [dataclasses.asdict(p) for p in self.space],
             "sampler": self.sampler, "seed": self.seed, "seeds": self.seeds, "budget": list(self.budget),
-            "fixed": list(self.fixed), "pruner": self.pruner,
+            "fixed": list(self.fixed), "pruner": self.pruner, "eval_split": self.base_config().eval_split,
         }
 
 
@@ -204,13 +209,16 @@ def parse_spec(data: Any, name: str, source: str) -> StudySpec:
             raise bad(f"fixed.{k}", "is a budget key; put it under 'budget'")
         if k in SET_BY_ABLATE:
             raise bad(f"fixed.{k}", "is set by `neobench ablate` itself")
+    if fixed.get("eval_split", SELECTION_SPLIT) in NEVER_SELECT_ON:
+        raise bad("fixed.eval_split", f"may not be {fixed['eval_split']!r}: a study selects a configuration, so it scores "
+                  f"the {SELECTION_SPLIT!r} split and never the leaderboard's 'test' split")
     from neobench.config import PRESETS
 
     preset = data["preset"]
     if not isinstance(preset, str) or not (preset in PRESETS or Path(preset).is_file()):
         raise bad("preset", f"must name a preset ({', '.join(PRESETS)}) or a preset file, got {preset!r}")
     try:
-        base = validate(apply_overrides(load_preset(preset), {**budget, **fixed}, "budget/fixed"))
+        base = validate(apply_overrides(load_preset(preset), {**budget, "eval_split": SELECTION_SPLIT, **fixed}, "budget/fixed"))
     except NeobenchError as err:
         raise NeobenchError(f"study {source!r}: {err}") from None
 
@@ -784,3 +792,49 @@ def trial_reporter(payload: dict):
             raise optuna.TrialPruned(f"pruned at step {step} (held-out NLL {nll:.4f})")
 
     return after_step
+
+
+# --- the tuned protocol -------------------------------------------------------------------------
+
+TUNING_STUDY = "tune-lr"
+"""The study whose best trial per method sets that method's lr_scale under `--protocol tuned`."""
+
+
+def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> dict[str, float]:
+    """(label, lr_scale, objective) of finished trials -> label: the lr_scale of its best objective.
+
+    Ties go to the smaller scale. neobench.report applies the same rule to the stored rows.
+    """
+    best: dict[str, tuple[float, float]] = {}
+    for label, scale, value in trials:
+        key = (value if minimize else -value, scale)
+        if label not in best or key < best[label]:
+            best[label] = key
+    return {label: scale for label, (_, scale) in best.items()}
+
+
+def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_name: str = TUNING_STUDY) -> dict[str, float]:
+    """label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale the study chose."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from neobench.config import apply_overrides
+    from neobench.report import label_of
+
+    url = storage or default_storage(runs_dir)
+    hint = f"run `neobench ablate {study_name} --runs-dir {runs_dir}` first"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise NeobenchError(f"the tuned protocol needs the {study_name!r} study, and {url} does not exist; {hint}")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    except KeyError:
+        raise NeobenchError(f"the tuned protocol needs the {study_name!r} study, which {url} does not hold; {hint}") from None
+    spec = load_spec(study.user_attrs.get("spec", study_name))
+    base = spec.base_config()
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
+        rows.append((label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
+    if not rows:
+        raise NeobenchError(f"study {study_name!r} in {url} has no finished trial yet; {hint}")
+    return best_lr_scales(rows, minimize=study.direction == optuna.study.StudyDirection.MINIMIZE)

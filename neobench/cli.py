@@ -47,6 +47,8 @@ def run(
     max_wall_seconds: Optional[float] = typer.Option(None, help="Stop training after this many seconds (0: no cap).", rich_help_panel=BUDGET),
     lr: Optional[float] = typer.Option(None, help="Learning rate of full fine-tuning (sft, kd).", rich_help_panel=OPTIM),
     adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
+    lr_scale: Optional[float] = typer.Option(None, help="Multiply the method's learning rate by this.", rich_help_panel=OPTIM),
+    protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off).", rich_help_panel=OPTIM),
@@ -106,7 +108,7 @@ def run(
     flags = {
         "loss": loss, "teacher": teacher, "student": student, "train_data": train_data, "train_split": train_split,
         "max_examples": max_examples, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-        "max_steps": max_steps, "max_wall_seconds": max_wall_seconds, "lr": lr, "adapter_lr": adapter_lr,
+        "max_steps": max_steps, "max_wall_seconds": max_wall_seconds, "lr": lr, "adapter_lr": adapter_lr, "lr_scale": lr_scale,
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "rank": rank,
         "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "kd_ratio": kd_ratio,
         "temperature": temperature, "jsd_beta": jsd_beta, "skew_alpha": skew_alpha,
@@ -135,6 +137,10 @@ def run(
             run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
         cfgs = plan(base, method, variant, seeds)
+        if protocol not in PROTOCOLS:
+            raise NeobenchError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if protocol == "tuned":
+            cfgs = tuned_configs(cfgs, given)
         if under_torchrun:  # every rank runs the plan in this process
             results = [r for cfg in cfgs if (r := execute(cfg))]
         elif len(cfgs) == 1 and nproc == 1:
@@ -305,6 +311,32 @@ def export(
     )
 
 
+PROTOCOLS = ("paper", "tuned")
+
+
+def tuned_configs(cfgs: list, given: dict) -> list:
+    """The planned runs with each method's lr_scale from the tune-lr study (see neobench.ablation)."""
+    import dataclasses
+
+    from neobench.ablation import TUNING_STUDY, tuned_lr_scales
+    from neobench.report import label_of
+
+    if "lr_scale" in given:
+        raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
+    scales = tuned_lr_scales(cfgs[0].runs_dir)
+    tuned = []
+    for cfg in cfgs:
+        label = label_of(cfg.method, cfg.effective_variant(), None)
+        if label not in scales:
+            raise NeobenchError(
+                f"the {TUNING_STUDY} study has no finished trial for {label}; it has {', '.join(sorted(scales))}"
+            )
+        tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
+    for label in dict.fromkeys(label_of(c.method, c.effective_variant(), None) for c in cfgs):
+        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}", highlight=False)
+    return tuned
+
+
 @app.command()
 def ablate(
     study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams) or a study YAML file."),
@@ -376,8 +408,8 @@ def report(
     """
     from neobench.report import FORMATS
     from neobench.results import (
-        load_curves, load_results, read_curves, read_rows, replace_runs, run_dirs, tidy, tidy_curves, write_curves,
-        write_rows,
+        load_curves, load_per_doc, load_results, read_curves, read_per_doc, read_rows, replace_runs, run_dirs, tidy,
+        tidy_curves, tidy_per_doc, write_curves, write_per_doc, write_rows,
     )
 
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
@@ -390,12 +422,16 @@ def report(
     if preset:
         fresh = fresh[fresh["preset"] == preset]
     fresh_curves = load_curves(runs)
+    fresh_per_doc = load_per_doc(runs)
     for name, rows in fresh.groupby("preset", sort=True):
         path = out / name / "results.jsonl"
         write_rows(replace_runs(read_rows(path) if path.is_file() else rows.iloc[0:0], rows, tidy), path)
         curves = fresh_curves[fresh_curves["run_id"].isin(set(rows["run_id"]))]
         curves_path = out / name / "curves.jsonl"
         write_curves(replace_runs(read_curves(curves_path), curves, tidy_curves), curves_path)
+        per_doc_path = out / name / "per_doc.csv"
+        per_doc = fresh_per_doc[fresh_per_doc["run_id"].isin(set(rows["run_id"]))]
+        write_per_doc(replace_runs(read_per_doc(per_doc_path), per_doc, tidy_per_doc), per_doc_path)
         console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if unscored:
@@ -415,7 +451,8 @@ def report(
         if len(students) and students["study"].notna().all():
             console.print(f"[bold]{name}[/bold]: only ablation trials, no leaderboard tables", highlight=False)
             continue
-        result = render(rows, name, out / name, formats, curves=read_curves(out / name / "curves.jsonl"))
+        result = render(rows, name, out / name, formats, curves=read_curves(out / name / "curves.jsonl"),
+                        per_doc=read_per_doc(out / name / "per_doc.csv"))
         console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
         for line in left_out_lines(result.left_out, markdown=False):
             console.print(f"  left out {line}", highlight=False, markup=False)
@@ -462,7 +499,7 @@ def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list 
         table.add_row("loss", name, DIVERGENCES.get(name).description)
     for name, task in TASKS.items():
         table.add_row("task", name, f"{task.description} [{', '.join(task.metrics)}]")
-    table.add_row("task", SUITE_ALIAS, "all four neo_* tasks; any lm-eval task name also works")
+    table.add_row("task", SUITE_ALIAS, "the neo_* tasks but neo_heldout_rougeL_sampled; any lm-eval task name also works")
     for name, path in PRESETS.items():
         first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
         table.add_row("preset", name, first)

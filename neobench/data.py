@@ -67,14 +67,33 @@ class TokenizedData:
 # --- loading rows ------------------------------------------------------------------------
 
 
+HELDOUT_PARTS = ("test", "validation")
+"""A packaged data set's heldout.jsonl in two fixed halves, by position: ``test`` is the first half
+(the leaderboard scores it), ``validation`` the second (ablation objectives, pruning, learning-rate
+tuning). Nothing that selects a configuration reads ``test`` (neobench.ablation enforces it)."""
+
+
+def heldout_part(rows: list, part: str) -> list:
+    """The ``part`` ("test" or "validation") of a held-out split's rows."""
+    half = (len(rows) + 1) // 2
+    return rows[:half] if part == "test" else rows[half:]
+
+
 def resolve_data_file(spec: str, split: str) -> Optional[Path]:
-    """The local file behind a packaged data set name or a path; None for a hub id."""
+    """The local file behind a packaged data set name or a path; None for a hub id.
+
+    For a packaged set's ``test`` or ``validation`` split that has no file of its own, this is
+    heldout.jsonl (``load_rows`` takes the part).
+    """
     packaged = PACKAGED_DATA_DIR / spec
     if packaged.is_dir():
         path = packaged / f"{split}.jsonl"
+        if not path.is_file() and split in HELDOUT_PARTS and (packaged / "heldout.jsonl").is_file():
+            return packaged / "heldout.jsonl"
         if not path.is_file():
             splits = sorted(p.stem for p in packaged.glob("*.jsonl"))
-            raise NeobenchError(f"packaged data set {spec!r} has no split {split!r}; valid: {', '.join(splits)}")
+            splits += [p for p in HELDOUT_PARTS if "heldout" in splits and p not in splits]
+            raise NeobenchError(f"packaged data set {spec!r} has no split {split!r}; valid: {', '.join(sorted(splits))}")
         return path
     path = Path(spec).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet"):
@@ -112,6 +131,8 @@ def load_rows(spec: str, split: str = "train", limit: Optional[int] = None) -> l
             rows = pd.read_parquet(path).to_dict(orient="records")
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as err:
         raise NeobenchError(f"could not read data file {spec!r}: {str(err).splitlines()[0]}") from None
+    if split in HELDOUT_PARTS and path.name == "heldout.jsonl" and path.parent.parent == PACKAGED_DATA_DIR:
+        rows = heldout_part(rows, split)
     return rows[:limit] if limit else rows
 
 

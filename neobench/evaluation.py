@@ -43,20 +43,27 @@ class SuiteTask:
     metrics: tuple[str, ...]
     via_lm_eval: bool
     """False for neo_fidelity, which neobench computes itself."""
+    in_suite: bool = True
+    """Part of neo_suite (the default evaluation); others are asked for by name."""
 
 
 TASKS: Registry[SuiteTask] = Registry("task")
 TASKS.add("neo_heldout_nll", SuiteTask("per-token NLL of held-out teacher responses given their prompts", ("nll", "perplexity"), True))
 TASKS.add("neo_heldout_match", SuiteTask("pick a held-out prompt's response among 4 (3 from other prompts)", ("acc", "acc_norm"), True))
+TASKS.add("neo_heldout_rougeL", SuiteTask("the student's greedy answer to a held-out prompt vs the teacher's: ROUGE-L F x100", ("rougeL", "response_tokens", "at_cap"), True))
 TASKS.add("neo_pydoc_bpb", SuiteTask("bits per byte on 32 windows of the stdlib's pydoc_data.topics", ("bits_per_byte",), True))
 TASKS.add(FIDELITY, SuiteTask("KL(teacher||student) per response token and top-1 agreement", ("kl", "top1_agreement"), False))
-SUITE = tuple(TASKS)
+TASKS.add("neo_heldout_rougeL_sampled", SuiteTask(
+    "neo_heldout_rougeL under the MiniLLM protocol: 3 samples at T=1, top-p 1, <=256 tokens, averaged",
+    ("rougeL", "response_tokens", "at_cap"), True, in_suite=False))
+SUITE = tuple(name for name in TASKS if TASKS.get(name).in_suite)
 
 # Column titles for the terminal table; any other task shows as task/metric.
 SHORT_NAMES = {
     ("neo_heldout_nll", "nll"): "NLL", ("neo_heldout_nll", "perplexity"): "PPL",
     ("neo_heldout_match", "acc"): "match", ("neo_heldout_match", "acc_norm"): "m_norm",
-    ("neo_pydoc_bpb", "bits_per_byte"): "pydoc", (FIDELITY, "kl"): "KL", (FIDELITY, "top1_agreement"): "top-1",
+    ("neo_pydoc_bpb", "bits_per_byte"): "pydoc", ("neo_heldout_rougeL", "rougeL"): "ROUGE-L",
+    ("neo_heldout_rougeL", "response_tokens"): "len", ("neo_heldout_rougeL", "at_cap"): "at cap", (FIDELITY, "kl"): "KL", (FIDELITY, "top1_agreement"): "top-1",
 }
 
 
@@ -80,10 +87,12 @@ class EvalSpec:
     """Documents per task (the first N); None: all."""
     num_fewshot: Optional[int] = None
     batch_size: int = 8
+    generation_batch_size: int = 32
+    """Batch of generate_until requests (see RunConfig.eval_generation_batch_size)."""
     chat_template: bool = True
     """Wrap prompts in the model's chat template (when it has one), as in training."""
     heldout_data: str = "magpie-smollm2"
-    heldout_split: str = "heldout"
+    heldout_split: str = "test"
     bootstrap_iters: int = 1000
     """lm-eval's bootstrap draws for stderrs without a closed form (perplexity)."""
 
@@ -91,7 +100,8 @@ class EvalSpec:
     def from_config(cls, cfg) -> "EvalSpec":
         return cls(
             tasks=parse_task_list(cfg.eval_tasks), limit=cfg.eval_limit, num_fewshot=cfg.eval_num_fewshot,
-            batch_size=cfg.eval_batch_size, chat_template=cfg.eval_chat_template,
+            batch_size=cfg.eval_batch_size, generation_batch_size=cfg.eval_generation_batch_size,
+            chat_template=cfg.eval_chat_template,
             heldout_data=cfg.eval_data, heldout_split=cfg.eval_split,
         )
 
@@ -147,7 +157,7 @@ def load_tasks(spec: EvalSpec, tokenizer_path: str) -> TaskSet:
             if name not in manager.all_tasks:
                 close = difflib.get_close_matches(name, manager.all_tasks, n=3)
                 parts = [f"unknown task {name!r}"] + ([f"did you mean {', '.join(close)}?"] if close else []) + [
-                    f"neobench's own: {', '.join(TASKS)} ({SUITE_ALIAS} = all four); any lm-eval task name "
+                    f"neobench's own: {', '.join(TASKS)} ({SUITE_ALIAS} = {', '.join(SUITE)}); any lm-eval task name "
                     "also works (`lm-eval ls tasks` lists them)"
                 ]
                 raise NeobenchError("; ".join(parts))
@@ -221,15 +231,19 @@ def evaluate(
     started = time.perf_counter()
     model.eval()
     rows: list[dict[str, Any]] = []
+    per_doc: dict[str, dict] = {}
     if spec.lm_eval_tasks:
-        rows += _lm_eval_rows(model, tokenizer, taskset, role)
+        lm_rows, lm_docs = _lm_eval_rows(model, tokenizer, taskset, role)
+        rows += lm_rows
+        per_doc.update(lm_docs)
     if FIDELITY in spec.tasks and role != "teacher":
         if teacher is None:
             raise NeobenchError(f"{FIDELITY} needs the teacher; drop it from --tasks to evaluate without one")
-        rows += fidelity_rows(model, teacher, tokenizer, spec, vocab_size, taskset.hashes[FIDELITY])
+        fid_rows, per_doc[FIDELITY] = fidelity_rows(model, teacher, tokenizer, spec, vocab_size, taskset.hashes[FIDELITY])
+        rows += fid_rows
     return {
         "role": role, "rows": rows, "seconds": time.perf_counter() - started, "spec": spec.to_dict(),
-        "lm_eval_version": lm_eval_version(), "task_hashes": taskset.hashes,
+        "lm_eval_version": lm_eval_version(), "task_hashes": taskset.hashes, "per_doc": per_doc,
     }
 
 
@@ -243,6 +257,7 @@ def _lm_eval_rows(model, tokenizer, taskset: TaskSet, role: str) -> list[dict[st
 
     spec = taskset.spec
     lm = per_task_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    lm.generation_batch_size = spec.generation_batch_size
     console.print(f"[dim]{role}: lm-eval on {', '.join(spec.lm_eval_tasks)}[/dim]", highlight=False)
     # In a terminal lm-eval's own progress bars stay (they show the ETA); elsewhere they are off
     # and PerTaskLM's one line per task is the progress. Its "bootstrapping for stddev" lines go
@@ -257,9 +272,45 @@ def _lm_eval_rows(model, tokenizer, taskset: TaskSet, role: str) -> list[dict[st
         results = simple_evaluate(
             model=lm, tasks=spec.lm_eval_tasks, task_manager=taskset.manager, limit=spec.limit,
             num_fewshot=spec.num_fewshot, apply_chat_template=spec.chat_template and bool(tokenizer.chat_template),
-            bootstrap_iters=spec.bootstrap_iters, log_samples=False,
+            bootstrap_iters=spec.bootstrap_iters, log_samples=True,
         )
-    return rows_from_results(results, taskset.hashes, spec)
+    return rows_from_results(results, taskset.hashes, spec), per_doc_from_samples(results)
+
+
+DOC_KEY_CHARS = 16
+"""Documents are keyed by the first 16 hex digits of their sha256: unique within any task here."""
+
+
+def per_doc_from_samples(results: dict) -> dict[str, dict]:
+    """lm-eval's logged samples -> {task: {"docs": [doc key], "metrics": {metric: [value per doc]}}},
+    documents in lm-eval's doc_id order; generation tasks also keep each answer ("answers")."""
+    per_doc = {}
+    for task, samples in (results.get("samples") or {}).items():
+        samples = sorted(samples, key=lambda s: s["doc_id"])
+        names = list(dict.fromkeys(m for s in samples for m in s["metrics"]))
+        entry: dict[str, Any] = {
+            "docs": [s["doc_hash"][:DOC_KEY_CHARS] for s in samples],
+            "metrics": {m: [_scalar(s.get(m)) for s in samples] for m in names},
+        }
+        if samples and all(isinstance(r, str) for s in samples for r in _flat(s["filtered_resps"])):
+            entry["answers"] = [_flat(s["filtered_resps"]) for s in samples]
+        per_doc[task] = entry
+    return per_doc
+
+
+def _flat(responses: list) -> list:
+    """filtered_resps: one entry per request, each a string (generate_until) or a tuple/list."""
+    out = []
+    for r in responses:
+        out.extend(r if isinstance(r, list) else [r])
+    return out
+
+
+def _scalar(value: Any) -> Optional[float]:
+    """A per-document metric value as a float (lm-eval's perplexity items are plain floats too)."""
+    if isinstance(value, (list, tuple)):  # e.g. a (prediction, reference) pair of corpus metrics: not per-document
+        return None
+    return None if value is None else float(value)
 
 
 @functools.cache
@@ -282,8 +333,17 @@ def per_task_lm_class():
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             return self._per_task("loglikelihood_rolling", requests, disable_tqdm)
 
+        generation_batch_size: Optional[int] = None
+
         def generate_until(self, requests, disable_tqdm: bool = False):
-            return self._per_task("generate_until", requests, disable_tqdm)
+            if not self.generation_batch_size:
+                return self._per_task("generate_until", requests, disable_tqdm)
+            # HFLM batches by its batch_size property, which reads batch_size_per_gpu: larger for generation only.
+            kept, self.batch_size_per_gpu = self.batch_size_per_gpu, self.generation_batch_size
+            try:
+                return self._per_task("generate_until", requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = kept
 
         def _per_task(self, kind: str, requests, disable_tqdm: bool):
             by_task: dict[str, list[int]] = {}
@@ -358,15 +418,22 @@ def fidelity_scores(
     from neobench.progress import CountProgress
 
     examples = encode_pairs(tokenizer, pairs)
+    keys = [pair_key(p) for p in pairs]
     device = next(student.parameters()).device
     vocab = slice(None, vocab_size)
-    scores: dict[str, list[float]] = {"kl": [], "top1_agreement": []}
+    scores: dict[str, list] = {"kl": [], "top1_agreement": [], "docs": []}
     with CountProgress("neo_fidelity", log_fraction=None) as bar:  # in a log: one line, like lm-eval's tasks
         bar.start(len(examples))
         for start in range(0, len(examples), batch_size):
-            _fidelity_batch(student, teacher, tokenizer.pad_token_id, examples[start : start + batch_size], vocab, device, scores)
+            batch = slice(start, start + batch_size)
+            _fidelity_batch(student, teacher, tokenizer.pad_token_id, examples[batch], keys[batch], vocab, device, scores)
             bar.update(min(start + batch_size, len(examples)))
     return scores
+
+
+def pair_key(pair: dict[str, str]) -> str:
+    """A held-out pair's document key for neo_fidelity (sha256 of the pair, like lm-eval's doc_hash)."""
+    return hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest()[:DOC_KEY_CHARS]
 
 
 def encode_pairs(tokenizer, pairs: list[dict[str, str]]) -> list:
@@ -404,8 +471,8 @@ def heldout_nll(model: torch.nn.Module, pad_id: int, examples: list, batch_size:
 
 
 @torch.no_grad()
-def _fidelity_batch(student, teacher, pad_id: int, examples: list, vocab: slice, device, scores: dict) -> None:
-    """Append each example's mean token KL and top-1 agreement to ``scores``."""
+def _fidelity_batch(student, teacher, pad_id: int, examples: list, keys: list[str], vocab: slice, device, scores: dict) -> None:
+    """Append each example's mean token KL, top-1 agreement and document key to ``scores``."""
     from neobench.data import collate
     from neobench.losses import next_token_targets, token_forward_kl
 
@@ -419,15 +486,18 @@ def _fidelity_batch(student, teacher, pad_id: int, examples: list, vocab: slice,
             continue
         scores["kl"].append(float(token_forward_kl(s, t).mean()))
         scores["top1_agreement"].append(float((s.argmax(-1) == t.argmax(-1)).float().mean()))
+        scores["docs"].append(keys[i])
 
 
-def fidelity_rows(student, teacher, tokenizer, spec: EvalSpec, vocab_size: Optional[int], task_hash_: str) -> list[dict]:
+def fidelity_rows(student, teacher, tokenizer, spec: EvalSpec, vocab_size: Optional[int], task_hash_: str) -> tuple[list[dict], dict]:
+    """(one row per metric, the per-document values in the layout of per_doc_from_samples)."""
     from lm_eval.api.metrics import mean_stderr
 
     from neobench.suite import heldout_pairs
 
     pairs = heldout_pairs(spec.heldout_data, spec.heldout_split)[: spec.limit]
     scores = fidelity_scores(student, teacher, tokenizer, pairs, spec.batch_size, vocab_size)
+    docs = scores.pop("docs")
     better = FIDELITY_HIGHER_IS_BETTER
     return [
         {
@@ -437,7 +507,7 @@ def fidelity_rows(student, teacher, tokenizer, spec: EvalSpec, vocab_size: Optio
             "task_hash": task_hash_, "evaluator": "neobench",
         }
         for metric, values in scores.items()
-    ]
+    ], {"docs": docs, "metrics": scores}
 
 
 # --- reference rows and stored results -----------------------------------------------------

@@ -3,11 +3,15 @@
     rows (neobench.results)
       -> select_comparable   one budget and data hash, one config per label, one evaluation per task;
                              every run left out is listed with its reason
+      -> split_protocols     paper (every method at its family's preset rate) and tuned (each method
+                             at the rate the tune-lr study chose on the validation split): never mixed
       -> main / variants / efficiency tables  (mean ± 95% CI over seeds, Student-t; one seed: ± stderr)
+      -> paired comparisons  each student vs LoRA and vs KD on the same documents (neobench.paired),
+                             Holm-corrected within a table
       -> md, csv, html, tex files and PNG plots under leaderboards/<preset>/
 
 Everything here is a pure function of the rows, so the committed leaderboards regenerate
-byte for byte from the committed results.jsonl.
+byte for byte from the committed results.jsonl (with per_doc.csv and curves.jsonl).
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ EVALUATION = ["task_hash", "limit", "num_fewshot"]
 # The suite's headline metrics (perplexity = exp(nll) and acc_norm add nothing to a summary).
 HEADLINE = {
     "neo_heldout_nll": ["nll"], "neo_heldout_match": ["acc"], "neo_pydoc_bpb": ["bits_per_byte"],
-    "neo_fidelity": ["kl", "top1_agreement"],
+    "neo_heldout_rougeL": ["rougeL"], "neo_heldout_rougeL_sampled": ["rougeL"], "neo_fidelity": ["kl", "top1_agreement"],
 }
+DELTA_METRIC = ("neo_heldout_nll", "nll")
+"""The metric of the main table's Δ columns (every headline metric is in the paired table)."""
+BASELINES = {"lora": "LoRA", "kd": "KD"}
+"""What every student row is compared with, on the same documents."""
+GENERATION = [("neo_heldout_rougeL", "rougeL"), ("neo_heldout_rougeL", "response_tokens"), ("neo_heldout_rougeL", "at_cap")]
 # What the teacher scores against itself, by definition; neo_fidelity does not score the teacher.
 TEACHER_BY_DEFINITION = {("neo_fidelity", "kl"): 0.0, ("neo_fidelity", "top1_agreement"): 1.0}
 
@@ -279,7 +288,95 @@ def pct(cell: Optional[Cell]) -> str:
     return text
 
 
-def score_table(sel: Selection, name: str, title: str, labels: list[str], with_deltas: bool) -> Table:
+# --- paired comparisons ---------------------------------------------------------------------------
+
+
+@dataclass
+class Paired:
+    model: str
+    baseline: str
+    task: str
+    metric: str
+    result: "Comparison"
+    p_holm: float = float("nan")
+
+
+def per_doc_matrix(sel: Selection, per_doc: pd.DataFrame, label: str, task: str, metric: str) -> Optional[pd.DataFrame]:
+    """A label's per-document scores: one row per seed (ascending), one column per document."""
+    runs = sel.students[sel.students["label"] == label].drop_duplicates("run_id").sort_values("seed")
+    mine = per_doc[(per_doc["task"] == task) & (per_doc["metric"] == metric) & per_doc["run_id"].isin(set(runs["run_id"]))]
+    if mine.empty or mine["run_id"].nunique() < len(runs):
+        return None
+    table = mine.pivot(index="run_id", columns="doc", values="value").reindex(list(runs["run_id"]))
+    return table.dropna(axis=1)
+
+
+def paired_comparisons(sel: Selection, labels: list[str], per_doc: Optional[pd.DataFrame]) -> list[Paired]:
+    """Every student of ``labels`` against each baseline (LoRA, KD) on every headline metric, with
+    Holm's adjustment over all of them (one family per table)."""
+    from neobench.paired import compare, holm
+
+    if per_doc is None or per_doc.empty:
+        return []
+    columns = headline_metrics(sel.students)
+    present = set(sel.students["label"])
+    found = []
+    for label in labels:
+        for base in BASELINES:
+            if label in REFERENCES or label == base or base not in present:
+                continue
+            for task, metric in columns:
+                a = per_doc_matrix(sel, per_doc, label, task, metric)
+                b = per_doc_matrix(sel, per_doc, base, task, metric)
+                if a is None or b is None:
+                    continue
+                docs = sorted(set(a.columns) & set(b.columns))
+                if docs:
+                    found.append(Paired(label, base, task, metric, compare(a[docs].to_numpy(), b[docs].to_numpy())))
+    for item, adjusted in zip(found, holm([f.result.p for f in found])):
+        item.p_holm = adjusted
+    return found
+
+
+def metric_digits(metric: str) -> int:
+    return 2 if metric in ("rougeL", "response_tokens") else 3
+
+
+def fmt_delta(item: Paired) -> str:
+    from neobench.paired import significance_mark
+
+    d, r = metric_digits(item.metric), item.result
+    return f"{r.delta:+.{d}f} [{r.low:+.{d}f}, {r.high:+.{d}f}]{significance_mark(item.p_holm)}"
+
+
+def fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def paired_table(name: str, title: str, comparisons: list[Paired]) -> Table:
+    """One row per comparison: Δ with its paired 95% interval, the p-value, Holm's, and the test."""
+    from neobench.paired import significance_mark
+
+    display_rows, numeric_rows = [], []
+    for c in comparisons:
+        r = c.result
+        display_rows.append({
+            "model": c.model, "vs": BASELINES[c.baseline], "metric": column_name(c.task, c.metric),
+            "Δ [95% CI]": fmt_delta(c), "p": fmt_p(r.p), "p (Holm)": fmt_p(c.p_holm), "test": r.test,
+            "docs × seeds": f"{r.n_docs} × {r.seeds[0]}/{r.seeds[1]}",
+        })
+        numeric_rows.append({"model": c.model, "baseline": c.baseline, "task": c.task, "metric": c.metric, "delta": r.delta,
+                             "low": r.low, "high": r.high, "p": r.p, "p_holm": c.p_holm, "test": r.test,
+                             "significant": bool(significance_mark(c.p_holm)), "n_docs": r.n_docs,
+                             "seeds": r.seeds[0], "baseline_seeds": r.seeds[1]})
+    notes = ["Δ = model − baseline in the metric's units (for ↓ metrics such as NLL, negative is better), the mean "
+             "over documents of the paired difference; 95% paired-bootstrap interval (10,000 draws resampling documents, "
+             "and seeds where there are several). p: the bootstrap's two-sided p-value, or exact McNemar for a 0/1 "
+             "metric of single runs. Holm's correction runs over every comparison in this table; * marks p (Holm) < 0.05."]
+    return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
+
+
+def score_table(sel: Selection, name: str, title: str, labels: list[str], paired: list[Paired] = ()) -> Table:
     columns = headline_metrics(pd.concat([sel.students, sel.references]))
     cells = score_cells(sel, labels, columns)
     hib = {(t, m): bool(sel.students.loc[(sel.students["task"] == t) & (sel.students["metric"] == m), "higher_is_better"].iloc[0])
@@ -305,11 +402,12 @@ def score_table(sel: Selection, name: str, title: str, labels: list[str], with_d
         if gaps[label]:
             numeric_rows.append({"model": label, "task": "average", "metric": "gap_closed", "n": gaps[label].n,
                                  "mean": gaps[label].mean, "half_width": gaps[label].half, "interval": gaps[label].kind, "best": False})
-        if with_deltas:
-            for base in ("lora", "kd"):
-                ref = gaps.get(base)
-                ok = label not in REFERENCES and ref is not None and gaps[label] is not None and label != base
-                row[f"Δ vs {'LoRA' if base == 'lora' else 'KD'}"] = f"{100 * (gaps[label].mean - ref.mean):+.1f} pt" if ok else "—"
+        if paired:
+            task, metric = DELTA_METRIC
+            arrow = "↑" if hib.get(DELTA_METRIC, False) else "↓"
+            for base, base_name in BASELINES.items():
+                hit = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (label, base, task, metric)]
+                row[f"Δ {column_name(task, metric)} vs {base_name} {arrow}"] = fmt_delta(hit[0]) if hit else "—"
         display_rows.append(row)
     return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows))
 
@@ -559,40 +657,190 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def generation_table(sel: Selection, name: str, title: str, labels: list[str]) -> Table:
+    """ROUGE-L with the answers' mean length and the share that hit the token cap, per label."""
+    cells = score_cells(sel, labels, GENERATION)
+    display_rows, numeric_rows = [], []
+    for label in labels:
+        if not any((label, t, m) in cells for t, m in GENERATION):
+            continue
+        row = {"model": label}
+        for task, metric in GENERATION:
+            cell = cells.get((label, task, metric))
+            if metric == "at_cap":
+                row["at cap"] = "—" if cell is None else pct(cell)
+            else:
+                row[{"rougeL": "ROUGE-L ↑", "response_tokens": "length (tokens)"}[metric]] = fmt(cell, metric_digits(metric))
+            if cell:
+                numeric_rows.append({"model": label, "task": task, "metric": metric, "n": cell.n, "mean": cell.mean,
+                                     "half_width": cell.half, "interval": cell.kind})
+        display_rows.append(row)
+    notes = ["Each student answers the held-out prompts itself (greedy, at most 128 new tokens, stopped at the end of its "
+             "turn); ROUGE-L is the F-measure (×100, stemmed) of its answer against the teacher's response. *at cap*: "
+             "the share of answers that were still going at 128 tokens."]
+    return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
+
+
+# --- protocols -------------------------------------------------------------------------------
+
+
+@dataclass
+class Protocol:
+    name: str
+    """"paper" or "tuned"."""
+    rows: pd.DataFrame
+    """The references and the students of this protocol (ablation trials kept: they are listed as left out)."""
+    lr_scales: dict[str, float]
+    """label -> lr_scale: 1 for every label under "paper", the study's choice under "tuned"."""
+
+
+def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.copy()
+    rows["label"] = [label_of(m, v, l) for m, v, l in zip(rows["method"], rows["variant"], rows["loss"])]
+    rows["lr_scale"] = rows["lr_scale"].astype(float).fillna(1.0)
+    return rows
+
+
+def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
+    """The tune-lr study's trial rows of its objective (validation NLL), one per trial."""
+    from neobench.ablation import TUNING_STUDY
+
+    students = rows[(rows["model"] == "student") & (rows["study"] == TUNING_STUDY)]
+    return students[(students["task"] == "neo_heldout_nll") & (students["metric"] == "nll")]
+
+
+def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str, str]]]:
+    """The paper protocol (lr_scale 1) and, when the rows hold the tune-lr study, the tuned one;
+    plus (run_id, reason) for every trained run in neither."""
+    from neobench.ablation import best_lr_scales
+
+    rows = with_labels(rows)
+    is_student = rows["model"] == "student"
+    trial = is_student & rows["study"].notna()
+    references = rows[~is_student]
+    trained = rows[is_student & ~trial]
+    paper = Protocol("paper", pd.concat([references, rows[trial], trained[trained["lr_scale"] == 1.0]]),
+                     dict.fromkeys(trained["label"], 1.0))
+    protocols = [paper]
+    trials = tuning_trials(rows)
+    chosen = best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+    in_tuned = pd.Series(False, index=trained.index)
+    if chosen:
+        in_tuned = trained["label"].map(chosen).eq(trained["lr_scale"])
+        protocols.append(Protocol("tuned", pd.concat([references, trained[in_tuned]]), chosen))
+    neither = trained[(trained["lr_scale"] != 1.0) & ~in_tuned].drop_duplicates("run_id")
+    left_out = [(r["run_id"], f"lr_scale {r['lr_scale']:g}: neither the paper protocol's 1 nor the tuned choice"
+                 + (f" {chosen[r['label']]:g}" if r["label"] in chosen else f" (the tune-lr study did not tune {r['label']})"))
+                for _, r in neither.iterrows()]
+    return protocols, left_out
+
+
+@dataclass
+class Section:
+    protocol: Protocol
+    selection: Selection
+    tables: list[Table]
+
+
 @dataclass
 class Report:
     preset: str
     tables: list[Table]
     left_out: list[tuple[str, str]]
     files: list[Path]
+    sections: list[Section] = field(default_factory=list)
+
+    def table(self, name: str) -> Table:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(f"no table {name!r}; tables: {', '.join(t.name for t in self.tables)}")
 
 
 def render(
-    rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] = FORMATS, curves: pd.DataFrame | None = None
+    rows: pd.DataFrame, preset: str, out: Path, formats: tuple[str, ...] = FORMATS, curves: pd.DataFrame | None = None,
+    per_doc: pd.DataFrame | None = None,
 ) -> Report:
-    """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves)."""
-    sel = select_comparable(rows)
-    if sel.students.empty:
-        raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
-    main, variants, everyone = row_labels(sel)
-    tables = [
-        score_table(sel, "main", "Main table", main, with_deltas=True),
-        score_table(sel, "variants", "Adapter variants", variants, with_deltas=False),
-        efficiency_table(sel, everyone),
-    ]
+    """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves,
+    and per-document scores for the paired comparisons)."""
+    protocols, left_out = split_protocols(rows)
+    sections = []
+    for protocol in protocols:
+        sel = select_comparable(protocol.rows.drop(columns=["label"]))
+        if sel.students.empty:
+            if protocol.name == "paper":
+                raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
+            continue
+        main, variants, everyone = row_labels(sel)
+        suffix = "" if protocol.name == "paper" else "_tuned"
+        heading = "" if protocol.name == "paper" else " (tuned protocol)"
+        main_paired = paired_comparisons(sel, main, per_doc)
+        variant_paired = paired_comparisons(sel, variants, per_doc)
+        tables = [
+            score_table(sel, f"main{suffix}", f"Main table{heading}", main, main_paired),
+            paired_table(f"paired{suffix}", f"Paired comparisons, main table{heading}", main_paired),
+            score_table(sel, f"variants{suffix}", f"Adapter variants{heading}", variants, variant_paired),
+            paired_table(f"paired_variants{suffix}", f"Paired comparisons, adapter variants{heading}", variant_paired),
+            generation_table(sel, f"generation{suffix}", f"Generation{heading}", [l for l in main if l not in REFERENCES] + [
+                v for v in variants if v not in main]),
+        ]
+        if protocol.name == "paper":
+            tables.append(efficiency_table(sel, everyone))
+        else:
+            tables.insert(0, tuning_table(rows))
+        sections.append(Section(protocol, sel, tables))
+    paper = sections[0]
+    used = {run for section in sections for run in section.selection.students["run_id"]}
+    left = {(r, why) for section in sections for r, why in section.selection.left_out if r not in used}
+    left_out = sorted(left | set(left_out))
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
     files = [out / "results.csv"]
+    tables = [t for section in sections for t in section.tables]
     for table in tables:
         if not table.display.empty:
             files += write_table(table, out, formats)
-    files += plot(sel, main, everyone, out)
-    curve_plot = plot_curves(sel, [l for l in main if l not in REFERENCES], curves, out) if curves is not None else None
+    main, _, everyone = row_labels(paper.selection)
+    files += plot(paper.selection, main, everyone, out)
+    curve_plot = plot_curves(paper.selection, [l for l in main if l not in REFERENCES], curves, out) if curves is not None else None
     files += [curve_plot] if curve_plot else []
     readme = out / "README.md"
-    readme.write_text(leaderboard_markdown(preset, sel, tables, with_curves=curve_plot is not None))
+    readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None))
     files.append(readme)
-    return Report(preset, tables, sel.left_out, files)
+    return Report(preset, tables, left_out, files, sections)
+
+
+def tuning_table(rows: pd.DataFrame) -> Table:
+    """The tune-lr study: validation NLL of every method at every lr_scale it tried; bold: the choice."""
+    from neobench.ablation import best_lr_scales
+
+    trials = tuning_trials(with_labels(rows))
+    chosen = best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+    scales = sorted(set(trials["lr_scale"]))
+    display_rows, numeric_rows = [], []
+    for label in student_order(list(chosen)):
+        mine = trials[trials["label"] == label]
+        row = {"model": label}
+        for scale in scales:
+            hit = mine[mine["lr_scale"] == scale]
+            text = "—" if hit.empty else f"{hit['value'].min():.3f}"
+            row[f"×{scale:g}"] = f"**{text}**" if scale == chosen[label] else text
+            for _, r in hit.iterrows():
+                numeric_rows.append({"model": label, "lr_scale": scale, "lr": r["lr"], "validation_nll": r["value"],
+                                     "chosen": scale == chosen[label], "trial": r["trial"]})
+        display_rows.append(row)
+    notes = ["Held-out NLL ↓ on the validation split (never the test split the tables score) after the same budget, one "
+             "seed, for each multiple of the method's preset learning rate; **bold** is the multiple the tuned protocol "
+             "uses (the lowest NLL). Made by `neobench ablate tune-lr` (ablations/tune-lr.yaml)."]
+    return Table("tuning", "Learning-rate search (validation split)", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
+
+
+def student_order(labels: list[str]) -> list[str]:
+    """Labels in method-registry order (sft, lora, kd, neo, minillm), variants after their method."""
+    from neobench.methods import METHODS
+
+    order = {name: i for i, name in enumerate(METHODS)}
+    return sorted(labels, key=lambda l: (order.get(l.split("+")[0].split(" ")[0], len(order)), l))
 
 
 def row_labels(sel: Selection) -> tuple[list[str], list[str], list[str]]:
@@ -602,28 +850,56 @@ def row_labels(sel: Selection) -> tuple[list[str], list[str], list[str]]:
     return main, variants, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]
 
 
-def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table], with_curves: bool = False) -> str:
+def budget_line(sel: Selection, protocol: Protocol) -> str:
     budget = sel.students.iloc[0]
     runs = sel.students.drop_duplicates("run_id")
     tokens = ", ".join(f"{int(t):,} (seed {s})" for s, t in runs.groupby("seed")["tokens"].first().items())
+    by_rate: dict[float, list[str]] = {}
+    for label in student_order(list(dict.fromkeys(runs["label"]))):
+        by_rate.setdefault(float(runs.loc[runs["label"] == label, "lr"].iloc[0]), []).append(
+            label + (f" (×{protocol.lr_scales[label]:g})" if protocol.name == "tuned" else ""))
+    rates = "; ".join(f"{lr:.3g} for {', '.join(labels)}" for lr, labels in sorted(by_rate.items()))
+    return (
+        f"Budget: {budget['steps']} optimizer steps of batch {budget['batch_size']} × {budget['grad_accum']} micro-batches, "
+        f"seq_len {budget['seq_len']}, data hash `{str(budget['data_hash'])[:12]}`; within a seed every method saw the same "
+        f"examples in the same order: {tokens} tokens. Learning rates: {rates}.\n"
+    )
+
+
+PROTOCOL_TEXT = {
+    "paper": "Every method at its family's fixed learning rate (the preset's: full fine-tuning `lr`, adapters `adapter_lr` "
+             "= 10 × `lr`), as the LLM-Neo paper compares them.",
+    "tuned": "Every method at its own best learning rate: the tune-lr study tried 4 multiples of the preset rate per "
+             "method on the validation split (one seed), and each method here trains at its best multiple over the "
+             "seeds shown, scored on the test split like the paper protocol. A method whose best multiple is 1 shows "
+             "the paper protocol's runs again.",
+}
+
+
+def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False) -> str:
+    total = len({r for s in sections for r in s.selection.students["run_id"]})
     parts = [
         f"# Leaderboard: {preset}\n",
-        f"Generated by `neobench report` from `results.jsonl` ({len(runs)} runs). Every run here had the same budget: "
-        f"{budget['steps']} optimizer steps of batch {budget['batch_size']} × {budget['grad_accum']} micro-batches, "
-        f"seq_len {budget['seq_len']}, data hash `{str(budget['data_hash'])[:12]}`; within a seed every method saw "
-        f"the same examples in the same order: {tokens} tokens.\n",
+        f"Generated by `neobench report` from `results.jsonl` and `per_doc.csv` ({total} runs). Every student is scored on "
+        "the test split of the held-out data (the validation split is for tuning, see the data card).\n",
         "Cells are mean ± 95% confidence interval over seeds (Student-t); with one seed (and for the reference "
         "rows `teacher` and `untrained`), ± the standard error lm-eval reports. **Bold** marks the best student in a "
         "column. *gap closed* is the share of the distance from the untrained student (0%) to the teacher (100%) "
-        "that training covered, averaged over the columns; Δ compares it with LoRA and KD in percentage points.\n",
+        "that training covered, averaged over the columns. The Δ columns compare each student with LoRA and with KD "
+        "on the same documents: paired difference [95% paired-bootstrap interval], * where significant after Holm's "
+        "correction over the table's comparisons (the paired tables below list every metric).\n",
     ]
-    for table in tables:
-        if table.display.empty:
-            continue
-        parts.append(f"## {table.title}\n")
-        parts.append(to_markdown(table))
-        parts += [f"{note}\n" for note in table.notes]
-    parts.append("## Plots\n")
+    for section in sections:
+        title = {"paper": "Paper protocol", "tuned": "Tuned protocol"}[section.protocol.name]
+        parts.append(f"## {title}\n")
+        parts.append(PROTOCOL_TEXT[section.protocol.name] + " " + budget_line(section.selection, section.protocol))
+        for table in section.tables:
+            if table.display.empty:
+                continue
+            parts.append(f"### {table.title}\n")
+            parts.append(to_markdown(table))
+            parts += [f"{note}\n" for note in table.notes]
+    parts.append("## Plots (paper protocol)\n")
     parts.append("![scores](scores.png)\n\n![gap closed vs peak memory](score_vs_memory.png) ![gap closed vs time](score_vs_time.png)\n")
     if with_curves:
         parts.append(
@@ -631,9 +907,9 @@ def leaderboard_markdown(preset: str, sel: Selection, tables: list[Table], with_
             "term per optimizer step (mean over seeds; the band spans the seeds' lowest to highest value).\n\n"
             "![training curves](training_curves.png)\n"
         )
-    if sel.left_out:
+    if left_out:
         parts.append("## Left out\n")
-        parts.append("".join(f"- {line}\n" for line in left_out_lines(sel.left_out)))
+        parts.append("".join(f"- {line}\n" for line in left_out_lines(left_out)))
     return "\n".join(parts)
 
 

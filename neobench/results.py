@@ -24,14 +24,14 @@ COLUMNS = [
     "steps", "tokens", "data_hash", "seq_len", "batch_size", "grad_accum", "stopped_by",
     "task", "metric", "value", "stderr", "higher_is_better", "n_docs", "limit", "num_fewshot", "task_hash", "evaluator",
     "trainable_params", "peak_memory_bytes", "memory_kind", "train_seconds", "wall_seconds", "tokens_per_second",
-    "device", "dtype", "rank", "kd_ratio", "temperature", "lr", "study", "trial",
+    "device", "dtype", "rank", "kd_ratio", "temperature", "lr", "lr_scale", "study", "trial",
 ]
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
 NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {
     "study", "trial", "strategy", "save_every"}
 # Fields added after runs were stored: left out of the key at their default, so those runs keep theirs.
-KEY_ONLY_IF_NOT = {"optimizer": "adamw"}
+KEY_ONLY_IF_NOT = {"optimizer": "adamw", "lr_scale": 1.0}
 
 
 def config_key(config: dict[str, Any], device: str, dtype: str, world_size: int = 1) -> str:
@@ -73,7 +73,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         "memory_kind": cost["memory_kind"], "train_seconds": cost["train_seconds"], "wall_seconds": metrics["wall_seconds"],
         "tokens_per_second": cost["tokens_per_second"], "device": cost["device"], "dtype": cost["dtype"],
         "rank": config.get("rank"), "kd_ratio": config.get("kd_ratio"), "temperature": config.get("temperature"),
-        "lr": metrics.get("lr"),
+        "lr": metrics.get("lr"), "lr_scale": config.get("lr_scale", 1.0),
     }
     rows = []
     for path in sorted((run_dir / "evaluations").glob("*.json")):
@@ -122,6 +122,45 @@ def load_curves(runs_dir: str | Path) -> pd.DataFrame:
             rows.append({"preset": metrics["preset"], "run_id": run.name, "step": step["step"], "loss": step.get("loss"),
                          "ce": step.get("ce"), "kd": kd})
     return tidy_curves(rows)
+
+
+# Per-document scores of every student: what the paired comparisons of the report resample.
+# Kept beside results.jsonl as per_doc.csv (compact: a leaderboard holds tens of thousands).
+PER_DOC_COLUMNS = ["preset", "run_id", "task", "metric", "doc", "value"]
+
+
+def load_per_doc(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per run x task x metric x document, from the student evaluations under ``runs_dir``."""
+    rows = []
+    for run in run_dirs(runs_dir):
+        preset = json.loads((run / "metrics.json").read_text())["preset"]
+        for path in sorted((run / "evaluations").glob("*.json")):
+            for evaluation in json.loads(path.read_text())["evaluations"]:
+                if evaluation["role"] != "student":
+                    continue
+                for task, entry in (evaluation.get("per_doc") or {}).items():
+                    for metric, values in entry["metrics"].items():
+                        rows += [{"preset": preset, "run_id": run.name, "task": task, "metric": metric, "doc": doc, "value": v}
+                                 for doc, v in zip(entry["docs"], values) if v is not None]
+    return tidy_per_doc(rows)
+
+
+def tidy_per_doc(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows), columns=PER_DOC_COLUMNS)
+    frame["value"] = frame["value"].astype(float)
+    return frame.sort_values(["preset", "run_id", "task", "metric", "doc"]).reset_index(drop=True)
+
+
+def write_per_doc(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.9g", lineterminator="\n")
+
+
+def read_per_doc(path: Path) -> pd.DataFrame:
+    """A leaderboard's per_doc.csv; no file gives no rows (boards made before per-document scores were kept)."""
+    if not path.is_file():
+        return tidy_per_doc([])
+    return tidy_per_doc(pd.read_csv(path, dtype={"doc": str}).to_dict("records"))
 
 
 def tidy_curves(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:

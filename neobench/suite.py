@@ -7,8 +7,16 @@
 |                   | distractors are responses to other held-out prompts (fixed seed)       |                    |
 | neo_pydoc_bpb     | bits per byte on fixed windows of the standard library's              | bits_per_byte      |
 |                   | ``pydoc_data.topics`` (human-written Python documentation)              |                    |
+| neo_heldout_rougeL| the student's own answer to each held-out prompt (greedy, <= 128 new   | rougeL,            |
+|                   | tokens, stopped at the end of its turn) against the teacher's response:| response_tokens,   |
+|                   | ROUGE-L F-measure x 100 with stemming; also the answer's length in     | at_cap             |
+|                   | tokens and whether it hit the 128-token cap                            |                    |
 | neo_fidelity      | KL(p_teacher || p_student) per response token and top-1 agreement,     | kl, top1_agreement |
 |                   | computed by :mod:`neobench.evaluation` (it needs both models at once)   |                    |
+
+``neo_heldout_rougeL_sampled`` (not in the suite) scores the same answers under the MiniLLM /
+DistiLLM protocol: sampled at temperature 1, top-p 1, no repeated 6-gram, <= 256 new tokens,
+3 samples per prompt averaged.
 
 lm-eval runs the first three like any task of its own: the YAML files name the functions below
 through ``!function``, and everything is built from local data, so nothing is downloaded.
@@ -23,16 +31,19 @@ error for each: nll is each response's mean token NLL, perplexity is exp(mean nl
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any, Optional
 
-DEFAULT_HELDOUT = ("magpie-smollm2", "heldout")
+DEFAULT_HELDOUT = ("magpie-smollm2", "test")
 MATCH_CHOICES = 4
 MATCH_SEED = 1234
 MATCH_WORDS = 32
 """Choices are the first words of each response: the opening reveals the topic, and scoring
 4 x 128 tokens per prompt would make this the slowest task by far on a CPU."""
+ROUGE_MAX_NEW_TOKENS = {"neo_heldout_rougeL": 128, "neo_heldout_rougeL_sampled": 256}
+"""max_gen_toks of each generation task's YAML (a test keeps them equal): an answer this long hit the cap."""
 PYDOC_WINDOWS = 32
 PYDOC_WINDOW_CHARS = 1024
 """32 windows of 1,024 characters: about 8k tokens, well under a minute on 2 CPU cores."""
@@ -126,6 +137,56 @@ def load_heldout_nll(**options: Any):
 
 def load_heldout_match(**options: Any):
     return _dataset(match_docs(_heldout(options)))
+
+
+_counting_tokenizer: dict[str, Any] = {}
+"""The evaluated model's tokenizer, set when a ROUGE task loads (process_results sees only doc and answer)."""
+
+
+def load_heldout_rouge(**options: Any):
+    """Dataset of {prompt, response}; the tokenizer that counts answer tokens is kept for process_results."""
+    from transformers import AutoTokenizer
+
+    tokenizer_path: Optional[str] = options.get("tokenizer") or options.get("pretrained")
+    if not tokenizer_path:
+        raise ValueError("neo_heldout_rougeL needs the tokenizer in the task metadata (tokenizer=PATH or pretrained=PATH)")
+    _counting_tokenizer["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_path)
+    return _dataset(_heldout(options))
+
+
+def rouge_l(reference: str, answer: str) -> float:
+    """ROUGE-L F-measure x 100 with Porter stemming (Google's rouge_score, as lm-eval uses it)."""
+    return 100.0 * _rouge_scorer().score(reference, answer)["rougeL"].fmeasure
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_scores(doc: dict, answers: list[str], max_new_tokens: int) -> dict[str, float]:
+    """Mean over ``answers`` (one, or one per sample) of ROUGE-L, length in tokens and cap hit (0/1)."""
+    tokenizer = _counting_tokenizer["tokenizer"]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    n = len(answers)
+    return {
+        "rougeL": sum(rouge_l(doc["response"], a) for a in answers) / n,
+        "response_tokens": sum(lengths) / n,
+        "at_cap": sum(length >= max_new_tokens for length in lengths) / n,
+    }
+
+
+def process_heldout_rouge_greedy(doc: dict, results: list) -> dict[str, float]:
+    """results: [the generated answer], already cut at the first stop sequence."""
+    return rouge_scores(doc, list(results), ROUGE_MAX_NEW_TOKENS["neo_heldout_rougeL"])
+
+
+def process_heldout_rouge_sampled(doc: dict, results: list) -> dict[str, float]:
+    """results: [the answers of the task's ``repeats`` samples] (its filter keeps them all)."""
+    answers = [a for r in results for a in (r if isinstance(r, (list, tuple)) else [r])]
+    return rouge_scores(doc, answers, ROUGE_MAX_NEW_TOKENS["neo_heldout_rougeL_sampled"])
 
 
 def load_pydoc_windows(**options: Any):

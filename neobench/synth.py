@@ -206,6 +206,16 @@ def render_datacard(card: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {f['rows']} | `{f['sha256']}` |" for name, f in card["files"].items()]
+    heldout = card["files"].get("heldout.jsonl", {}).get("rows")
+    if heldout:
+        half = (heldout + 1) // 2
+        lines += [
+            "",
+            f"heldout.jsonl is used in two fixed halves, by position (neobench.data.HELDOUT_PARTS): split `test` is rows "
+            f"1-{half}, which the leaderboard scores; split `validation` is rows {half + 1}-{heldout}, which ablation "
+            "objectives, pruning decisions and learning-rate tuning score. Nothing that selects a configuration reads "
+            "`test`.",
+        ]
     lines += ["", "Filtering (counted, never silent):", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in card["counts"].items()]
     lines += [

@@ -189,7 +189,7 @@ def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg,
     assert code == 0, scored[-2000:]
     (evaluation,) = (run / "evaluations").glob("*.json")
     tasks = {r["task"] for e in json.loads(evaluation.read_text())["evaluations"] if e["role"] == "student" for r in e["rows"]}
-    assert tasks == {"neo_heldout_nll", "neo_heldout_match", "neo_pydoc_bpb", "neo_fidelity"}  # smol-cpu's neo_suite
+    assert tasks == {"neo_heldout_nll", "neo_heldout_match", "neo_heldout_rougeL", "neo_pydoc_bpb", "neo_fidelity"}  # neo_suite
     assert "\r" not in scored and "it/s" not in scored, "tqdm bars leaked into a non-terminal"
     for line in ("neo_heldout_nll: 6 loglikelihood requests in", "neo_heldout_match: 24 loglikelihood requests in",
                  "neo_pydoc_bpb: 6 loglikelihood_rolling requests in"):

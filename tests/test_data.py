@@ -5,6 +5,7 @@ import json
 import pytest
 
 from neobench.data import encode_chat, example_order, load_rows, to_messages, tokenize_rows
+from neobench.synth import PACKAGED_DATA_DIR
 from neobench.errors import NeobenchError
 from neobench.losses import IGNORE_INDEX
 from neobench.models import load_tokenizer
@@ -88,8 +89,17 @@ def test_local_formats_load(tmp_path):
 def test_missing_data_file_and_split(tmp_path):
     with pytest.raises(NeobenchError, match="does not exist"):
         load_rows(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(NeobenchError, match="no split 'validation'"):
-        load_rows("magpie-smollm2", "validation")
+    with pytest.raises(NeobenchError, match="no split 'dev'; valid: heldout, test, train, validation"):
+        load_rows("magpie-smollm2", "dev")
+
+
+def test_heldout_splits_into_a_fixed_test_half_and_a_validation_half():
+    heldout = load_rows("magpie-smollm2", "heldout")
+    test, validation = load_rows("magpie-smollm2", "test"), load_rows("magpie-smollm2", "validation")
+    assert test == heldout[:100] and validation == heldout[100:]  # by position, as the data card says
+    assert not {json.dumps(r) for r in test} & {json.dumps(r) for r in validation}
+    card = (PACKAGED_DATA_DIR / "magpie-smollm2" / "DATACARD.md").read_text()
+    assert "split `test` is rows 1-100" in card and "split `validation` is rows 101-200" in card
 
 
 def test_offline_hub_dataset_names_the_fix():

@@ -33,7 +33,8 @@ def test_task_lists_expand_the_suite_and_keep_order():
 def test_bundled_tasks_run_through_lm_eval_and_produce_every_metric(tiny, tiny_spec):
     student, tokenizer = load(tiny["student"])
     teacher, _ = load(tiny["teacher"])
-    taskset = load_tasks(tiny_spec, str(tiny["student"]))
+    every_task = dataclasses.replace(tiny_spec, tasks=tuple(TASKS))  # the suite and the tasks asked for by name
+    taskset = load_tasks(every_task, str(tiny["student"]))
     result = evaluate(student, tokenizer, taskset, teacher=teacher, vocab_size=tiny["vocab"])
     got = {(r["task"], r["metric"]): r for r in result["rows"]}
     expected = {(name, metric) for name in TASKS for metric in TASKS.get(name).metrics}
@@ -41,7 +42,15 @@ def test_bundled_tasks_run_through_lm_eval_and_produce_every_metric(tiny, tiny_s
     for (task, metric), row in got.items():
         assert math.isfinite(row["value"]) and row["stderr"] is not None and row["stderr"] >= 0, (task, metric)
         assert row["n_docs"] == 6 and row["limit"] == 6 and len(row["task_hash"]) == 64
-        assert row["higher_is_better"] is (metric in ("acc", "acc_norm", "top1_agreement"))
+        hib = {"response_tokens": None, "at_cap": None}.get(metric, metric in ("acc", "acc_norm", "top1_agreement", "rougeL"))
+        assert row["higher_is_better"] is hib, (task, metric)
+        # Every score is also stored per document (what the report's paired tests resample): their mean is the score.
+        docs = result["per_doc"][task]
+        assert len(docs["docs"]) == len(set(docs["docs"])) == 6
+        if metric != "perplexity":  # lm-eval aggregates perplexity as exp(-mean) of its per-document items
+            assert sum(docs["metrics"][metric]) / 6 == pytest.approx(row["value"], rel=1e-9), (task, metric)
+    assert len(result["per_doc"]["neo_heldout_rougeL"]["answers"]) == 6
+    assert all(len(a) == 3 for a in result["per_doc"]["neo_heldout_rougeL_sampled"]["answers"])  # 3 samples per prompt
     nll, ppl = got[("neo_heldout_nll", "nll")]["value"], got[("neo_heldout_nll", "perplexity")]["value"]
     assert ppl == pytest.approx(math.exp(nll), rel=1e-9)  # perplexity is exp(mean per-token NLL)
     assert got[("neo_pydoc_bpb", "bits_per_byte")]["value"] > 0
@@ -61,7 +70,7 @@ def test_scores_equal_lm_eval_hf_model_loading_the_same_directory(tiny, tiny_spe
         tasks=spec.lm_eval_tasks, task_manager=taskset.manager, limit=spec.limit, batch_size=spec.batch_size,
         apply_chat_template=True, bootstrap_iters=spec.bootstrap_iters, log_samples=False,
     )["results"]
-    assert len(ours) == 5
+    assert len(ours) == 8  # nll, perplexity, acc, acc_norm, rougeL, response_tokens, at_cap, bits_per_byte
     for row in ours:
         reference = theirs[row["task"]]
         assert row["value"] == pytest.approx(reference[f"{row['metric']},none"], abs=1e-4), row
@@ -70,7 +79,7 @@ def test_scores_equal_lm_eval_hf_model_loading_the_same_directory(tiny, tiny_spe
 
 def test_match_distractors_never_include_the_true_response():
     pairs = heldout_pairs()
-    assert len(pairs) == 200
+    assert len(pairs) == 100  # the test split: the first half of the 200 held-out rows
     docs = match_docs(pairs)
     assert docs == match_docs(pairs), "a fixed seed gives the same docs"
     for pair, doc in zip(pairs, docs):

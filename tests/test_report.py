@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from neobench.report import FORMATS, interval, render, select_comparable
-from neobench.results import COLUMNS, load_curves, load_results, read_curves, read_rows, write_rows
+from neobench.results import COLUMNS, load_curves, load_results, read_curves, read_per_doc, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SCORES = {  # (task, metric): (untrained, teacher, higher_is_better)
@@ -115,12 +115,12 @@ def test_runs_of_another_dtype_never_share_a_table(matrix):
 def test_every_format_is_written_and_parses_back(matrix, tmp_path):
     out = tmp_path / "board"
     report = render(load_results(matrix), "p", out)
-    main = report.tables[0]
+    main = report.table("main")
     labels = ["teacher", "untrained", "sft", "lora", "kd", "neo"]
     assert list(main.display["model"]) == labels
-    assert list(report.tables[1].display["model"]) == ["lora", "neo", "neo+dora"]
+    assert list(report.table("variants").display["model"]) == ["lora", "neo", "neo+dora"]
     for name in ("main", "variants", "efficiency"):
-        n = len(report.tables[["main", "variants", "efficiency"].index(name)].display)
+        n = len(report.table(name).display)
         md = (out / f"{name}.md").read_text().strip().splitlines()
         assert len(md) == n + 2 and md[0].startswith("| model")
         assert len(pd.read_csv(out / f"{name}.csv")) > 0
@@ -129,7 +129,7 @@ def test_every_format_is_written_and_parses_back(matrix, tmp_path):
         assert "\\begin{tabular}" in tex and tex.count("\\\\") == n + 1
     for png in ("scores.png", "score_vs_memory.png", "score_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "## Main table" in (out / "README.md").read_text()
+    assert "### Main table" in (out / "README.md").read_text()
     # 3 seeds -> a Student-t interval; the best student column entry is bold.
     assert " ± " in main.display.iloc[2, 2] and main.display["seeds"].tolist()[2:] == ["3"] * 4
     assert any(str(v).startswith("**") for v in main.display.iloc[:, 2])
@@ -137,7 +137,7 @@ def test_every_format_is_written_and_parses_back(matrix, tmp_path):
 
 def test_efficiency_is_relative_to_kd(matrix, tmp_path):
     report = render(load_results(matrix), "p", tmp_path / "board")
-    eff = report.tables[2].display.set_index("model")
+    eff = report.table("efficiency").display.set_index("model")
     assert eff.loc["neo", "vs KD (mem)"] == "-25%" and eff.loc["kd", "vs KD (mem)"] == "—"
 
 
