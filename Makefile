@@ -43,19 +43,25 @@ test-postgres: $(STAMP)
 test-paper-shape: $(STAMP)
 	NEOBENCH_TEST_PAPER_SHAPE=1 $(PY) -m pytest -q -m paper_shape tests/test_scale.py
 
-# The committed leaderboards/smol-cpu/: the method matrix for 3 seeds, then lora and neo with
-# every other adapter variant, minillm, and neo with JSD from a top-64 teacher cache (seed 0),
-# then the tables. About 70 to 100 minutes on 2 CPU cores (97 min on an AVX2 machine, fused step).
+# The committed leaderboards/smol-cpu/, in order of importance:
+#   1. the paper protocol: sft, lora, kd and neo at the preset's rates, 3 seeds;
+#   2. the tuned protocol: the tune-lr study (4 rates per method, validation split, 1 seed), then each
+#      method at its best rate for 3 seeds (a method whose best is the preset's rate reuses step 1's runs);
+#   3. lora and neo with every other adapter variant, minillm, and neo with JSD from a top-64
+#      teacher cache (seed 0, paper protocol);
+# then the tables, from these runs alone (--replace). About 3 to 4 hours on 2 CPU cores.
 LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
 leaderboard: $(STAMP)
 	$(VENV)/bin/neobench run --seeds 3 --runs-dir $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench ablate tune-lr --runs-dir $(LEADERBOARD_RUNS) --no-report
+	$(VENV)/bin/neobench run --seeds 3 --protocol tuned --runs-dir $(LEADERBOARD_RUNS)
 	for v in dora pissa rslora moslora; do \
 		$(VENV)/bin/neobench run --method lora --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
 		$(VENV)/bin/neobench run --method neo --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
 	done
 	$(VENV)/bin/neobench run --method minillm --runs-dir $(LEADERBOARD_RUNS)
 	$(VENV)/bin/neobench run --method neo --loss jsd --teacher-cache topk:64 --runs-dir $(LEADERBOARD_RUNS)
-	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
 # (8 trials each, about 30 minutes per study on 2 CPU cores). Trials go to runs/, the studies

@@ -141,6 +141,8 @@ def run(
             raise NeobenchError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
         if protocol == "tuned":
             cfgs = tuned_configs(cfgs, given)
+            if not cfgs:
+                return
         if under_torchrun:  # every rank runs the plan in this process
             results = [r for cfg in cfgs if (r := execute(cfg))]
         elif len(cfgs) == 1 and nproc == 1:
@@ -331,9 +333,11 @@ def tuned_configs(cfgs: list, given: dict) -> list:
             raise NeobenchError(
                 f"the {TUNING_STUDY} study has no finished trial for {label}; it has {', '.join(sorted(scales))}"
             )
-        tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
+        if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
+            tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
     for label in dict.fromkeys(label_of(c.method, c.effective_variant(), None) for c in cfgs):
-        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}", highlight=False)
+        same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
+        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{same if scales[label] == 1.0 else ''}", highlight=False)
     return tuned
 
 
@@ -392,6 +396,7 @@ def report(
     out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory: one folder per preset."),
     format: str = typer.Option("md,csv,html,tex", "--format", help="Comma-separated table formats: md, csv, html, tex."),
     preset: Optional[str] = typer.Option(None, help="Only this preset (default: every preset found)."),
+    replace: bool = typer.Option(False, "--replace", help="Rebuild each collected preset's rows from the runs under --runs alone (rows of runs that are not there are dropped)."),
 ):
     """Regenerate leaderboard tables and plots from stored runs.
 
@@ -401,7 +406,10 @@ def report(
     neobench report --format md,csv        fewer formats
 
     Runs under --runs are added to OUT/<preset>/results.jsonl (the tidy rows; a run already
-    there is replaced), then every preset's tables and plots are rebuilt from its rows alone.
+    there is replaced; with --replace the runs under --runs become all of it), with their
+    per-document scores in per_doc.csv, then every preset's tables and plots are rebuilt from
+    these rows alone. Each student is compared with LoRA and KD on the same documents (paired
+    bootstrap, Holm-corrected); the paper and tuned protocols get separate tables.
     Without runs (a fresh clone), the committed rows regenerate the committed files exactly.
     Only runs with one budget, one data hash and one config per method are compared; the
     others are listed as left out, with the reason.
@@ -425,13 +433,14 @@ def report(
     fresh_per_doc = load_per_doc(runs)
     for name, rows in fresh.groupby("preset", sort=True):
         path = out / name / "results.jsonl"
-        write_rows(replace_runs(read_rows(path) if path.is_file() else rows.iloc[0:0], rows, tidy), path)
+        kept = path.is_file() and not replace
+        write_rows(replace_runs(read_rows(path) if kept else rows.iloc[0:0], rows, tidy), path)
         curves = fresh_curves[fresh_curves["run_id"].isin(set(rows["run_id"]))]
         curves_path = out / name / "curves.jsonl"
-        write_curves(replace_runs(read_curves(curves_path), curves, tidy_curves), curves_path)
+        write_curves(replace_runs(read_curves(curves_path) if kept else curves.iloc[0:0], curves, tidy_curves), curves_path)
         per_doc_path = out / name / "per_doc.csv"
         per_doc = fresh_per_doc[fresh_per_doc["run_id"].isin(set(rows["run_id"]))]
-        write_per_doc(replace_runs(read_per_doc(per_doc_path), per_doc, tidy_per_doc), per_doc_path)
+        write_per_doc(replace_runs(read_per_doc(per_doc_path) if kept else per_doc.iloc[0:0], per_doc, tidy_per_doc), per_doc_path)
         console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
     presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
     if unscored:

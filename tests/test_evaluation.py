@@ -140,3 +140,79 @@ def test_a_run_stores_student_and_reference_scores(tiny_cfg):
     before = {(r["task"], r["metric"]): r["value"] for r in roles["student"]["rows"]}
     after = {(r["task"], r["metric"]): r["value"] for r in rescored["evaluations"][0]["rows"]}
     assert after == pytest.approx(before, abs=1e-5)
+
+
+# --- neo_heldout_rougeL ------------------------------------------------------------------------
+
+
+def rouge_spec(tiny, tasks=("neo_heldout_rougeL",)):
+    return EvalSpec(tasks=tasks, limit=4, batch_size=4, heldout_data=str(tiny["data"]), heldout_split="train")
+
+
+def scripted_generation(model, continuation: list[int]) -> None:
+    """Make ``model`` generate ``continuation`` (then its last token forever) through transformers'
+    own generate, so lm-eval's stop sequences and max_gen_toks act exactly as in a real evaluation."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        start = kwargs["input_ids"].shape[1]
+
+        class Force(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                token = continuation[min(input_ids.shape[1] - start, len(continuation) - 1)]
+                forced = torch.full_like(scores, -float("inf"))
+                forced[:, token] = 0.0
+                return forced
+
+        return original(*args, logits_processor=LogitsProcessorList([Force()]), **kwargs)
+
+    model.generate = generate
+
+
+def test_rouge_answer_is_cut_at_the_end_of_turn_and_scored_like_rouge_score(tiny):
+    from rouge_score import rouge_scorer
+
+    student, tokenizer = load(tiny["student"])
+    said = tokenizer(" the model said this", add_special_tokens=False)["input_ids"]
+    after = tokenizer(" and never this", add_special_tokens=False)["input_ids"]
+    scripted_generation(student, said + [tokenizer.convert_tokens_to_ids("<|im_end|>")] + after)
+    spec = rouge_spec(tiny)
+    result = evaluate(student, tokenizer, load_tasks(spec, str(tiny["student"])))
+    answers = [a[0] for a in result["per_doc"]["neo_heldout_rougeL"]["answers"]]
+    assert answers == [tokenizer.decode(said)] * 4  # cut at <|im_end|>: nothing after the end of the turn
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    by_hand = [100 * scorer.score(p["response"], answers[0])["rougeL"].fmeasure for p in heldout_pairs(spec.heldout_data, "train")[:4]]
+    got = {r["metric"]: r["value"] for r in result["rows"]}
+    assert result["per_doc"]["neo_heldout_rougeL"]["metrics"]["rougeL"] == pytest.approx(by_hand, rel=1e-12)
+    assert got["rougeL"] == pytest.approx(sum(by_hand) / 4, rel=1e-12)
+    assert got["response_tokens"] == len(said) and got["at_cap"] == 0
+
+
+def test_rouge_answer_that_never_stops_hits_the_cap(tiny):
+    from neobench.suite import ROUGE_MAX_NEW_TOKENS
+
+    student, tokenizer = load(tiny["student"])
+    word = tokenizer(" word", add_special_tokens=False)["input_ids"]
+    scripted_generation(student, word)  # never ends its turn: generation stops at max_gen_toks
+    result = evaluate(student, tokenizer, load_tasks(rouge_spec(tiny), str(tiny["student"])))
+    got = {r["metric"]: r["value"] for r in result["rows"]}
+    assert got["at_cap"] == 1 and got["response_tokens"] == ROUGE_MAX_NEW_TOKENS["neo_heldout_rougeL"] == 128
+
+
+def test_greedy_rouge_is_deterministic_and_the_task_files_agree_with_the_caps(tiny):
+    import yaml
+
+    from neobench.evaluation import TASK_DIR
+    from neobench.suite import ROUGE_MAX_NEW_TOKENS
+
+    student, tokenizer = load(tiny["student"])
+    taskset = load_tasks(dataclasses.replace(rouge_spec(tiny), limit=2), str(tiny["student"]))
+    first, second = (evaluate(student, tokenizer, taskset)["per_doc"]["neo_heldout_rougeL"] for _ in range(2))
+    assert first == second and any(a[0] for a in first["answers"])
+    for task, cap in ROUGE_MAX_NEW_TOKENS.items():
+        text = (TASK_DIR / f"{task}.yaml").read_text().replace("!function ", "")
+        config = yaml.safe_load(text)
+        assert config["generation_kwargs"]["max_gen_toks"] == cap
+        assert "<|im_end|>" in config["generation_kwargs"]["until"] and "\n\n" not in config["generation_kwargs"]["until"]

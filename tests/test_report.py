@@ -28,12 +28,14 @@ def eval_rows(values: dict, with_fidelity: bool = True) -> list[dict]:
 
 
 def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: int = 12, data_hash: str = "d1",
-             rank: int = 32, stamp: str = "0", tokens: int = 0, dtype: str = "float32") -> str:
+             rank: int = 32, stamp: str = "0", tokens: int = 0, dtype: str = "float32", per_doc: list | None = None,
+             lr_scale: float = 1.0, study: str | None = None, trial: int | None = None) -> str:
+    """A finished run directory; ``per_doc``: its student's NLL per document (doc0, doc1, ...)."""
     run_id = f"p-{method}-{variant or 'full'}-s{seed}-r{rank}-{steps}-{data_hash}-{stamp}"
     run = root / run_id
     (run / "evaluations").mkdir(parents=True)
     config = {"preset": "p", "method": method, "variant": variant, "loss": "forward_kl", "rank": rank, "seed": seed,
-              "kd_ratio": 0.5, "temperature": 1.0}
+              "kd_ratio": 0.5, "temperature": 1.0, "lr_scale": lr_scale, "study": study, "trial": trial}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     uses_teacher = method in ("kd", "neo")
     metrics = {
@@ -47,8 +49,11 @@ def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: i
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
     student = {k: (u + (t if t is not None else 0.0)) / 2 + shift for k, (u, t, _) in SCORES.items()}
+    if per_doc is not None:
+        student[("neo_heldout_nll", "nll")] = sum(per_doc) / len(per_doc)
     evaluations = [
-        {"role": "student", "rows": eval_rows(student)},
+        {"role": "student", "rows": eval_rows(student), "per_doc": {} if per_doc is None else {
+            "neo_heldout_nll": {"docs": [f"doc{i}" for i in range(len(per_doc))], "metrics": {"nll": per_doc}}}},
         {"role": "teacher", "rows": eval_rows({k: t for k, (u, t, _) in SCORES.items() if t is not None}, with_fidelity=False),
          "model_fingerprint": "teacherfp"},
         {"role": "untrained_student", "rows": eval_rows({k: u for k, (u, t, _) in SCORES.items()}), "model_fingerprint": "studentfp"},
@@ -254,3 +259,76 @@ def test_training_curves_come_from_the_train_logs_mean_over_seeds(matrix, tmp_pa
     assert "![training curves](training_curves.png)" in (tmp_path / "board" / "README.md").read_text()
     without = render(load_results(matrix), "p", tmp_path / "bare")
     assert not (tmp_path / "bare" / "training_curves.png").exists() and without.files
+
+
+# --- paired comparisons and the tuned protocol ----------------------------------------------------
+
+DOC_DIFFICULTY = [4.0, 4.6, 3.8, 5.1, 4.4, 4.9, 4.2, 3.9, 4.7, 5.3]
+SHIFTS = {"sft": 0.30, "lora": 0.10, "kd": 0.25, "neo": 0.0}  # neo: 0.10 below LoRA on every document
+
+
+def noisy(method: str, seed: int, extra: float = 0.0) -> list[float]:
+    return [d + SHIFTS[method] + extra + 0.01 * ((i * 7 + seed * 3) % 5 - 2) for i, d in enumerate(DOC_DIFFICULTY)]
+
+
+@pytest.fixture
+def paired_matrix(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        for method, variant in [("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora")]:
+            make_run(root, method, variant, seed, 0.0, per_doc=noisy(method, seed))
+    return root
+
+
+def test_every_student_is_compared_with_lora_and_kd_on_the_same_documents(paired_matrix, tmp_path):
+    from neobench.paired import compare, holm
+    from neobench.results import load_per_doc
+
+    per_doc = load_per_doc(paired_matrix)
+    assert len(per_doc) == 12 * len(DOC_DIFFICULTY)
+    report = render(load_results(paired_matrix), "p", tmp_path / "board", per_doc=per_doc)
+    paired = report.table("paired").numeric.set_index(["model", "baseline", "metric"])
+    assert set(paired.index) == {(m, b, "nll") for m in ("sft", "lora", "kd", "neo") for b in ("lora", "kd") if m != b}
+    neo = paired.loc[("neo", "lora", "nll")]
+    by_hand = sum(sum(noisy("neo", s)) - sum(noisy("lora", s)) for s in range(3)) / (3 * len(DOC_DIFFICULTY))
+    assert neo["delta"] == pytest.approx(by_hand) and neo["high"] < 0 and neo["significant"]
+    # The same comparison computed directly, then Holm over the table's 6 comparisons.
+    a = [noisy("neo", s) for s in range(3)]
+    b = [noisy("lora", s) for s in range(3)]
+    assert neo["p"] == compare(a, b).p
+    assert list(paired["p_holm"]) == pytest.approx(holm(list(paired["p"])))
+    main = report.table("main").display.set_index("model")
+    assert main.loc["neo", "Δ NLL vs LoRA ↓"].endswith("]*") and main.loc["neo", "Δ NLL vs LoRA ↓"].startswith("-0.100 [")
+    assert main.loc["lora", "Δ NLL vs LoRA ↓"] == "—" and main.loc["teacher", "Δ NLL vs KD ↓"] == "—"
+    readme = (tmp_path / "board" / "README.md").read_text()
+    assert "### Paired comparisons, main table" in readme and "## Tuned protocol" not in readme
+
+
+def test_the_tuned_protocol_takes_each_methods_best_validation_rate_and_never_mixes(paired_matrix, tmp_path):
+    from neobench.results import load_per_doc
+
+    # The tune-lr study: validation NLL per (method, lr_scale); lora is best at 3.16, neo at 1.
+    validation = {("sft", 1.0): 5.0, ("sft", 3.16): 4.9, ("lora", 1.0): 4.6, ("lora", 3.16): 4.4,
+                  ("kd", 1.0): 4.8, ("kd", 3.16): 4.8, ("neo", 1.0): 4.3, ("neo", 3.16): 4.5}
+    for n, ((method, scale), nll) in enumerate(validation.items()):
+        make_run(paired_matrix, method, "lora" if method in ("lora", "neo") else None, 0, nll - 3.7,  # its NLL: 3.7 + shift
+                 stamp=f"t{n}", lr_scale=scale, study="tune-lr", trial=n)
+    for seed in range(3):  # the tuned runs of sft, lora and kd (neo's best is its paper rate)
+        for method, variant in [("sft", None), ("lora", "lora"), ("kd", None)]:
+            make_run(paired_matrix, method, variant, seed, 0.0, stamp="tuned", lr_scale=3.16,
+                     per_doc=noisy(method, seed, extra=-0.05))
+    make_run(paired_matrix, "neo", "lora", 0, 0.0, stamp="x", lr_scale=10.0, per_doc=noisy("neo", 0))
+    report = render(load_results(paired_matrix), "p", tmp_path / "board", per_doc=load_per_doc(paired_matrix))
+    tuned, paper = report.sections[1], report.sections[0]
+    assert tuned.protocol.lr_scales == {"sft": 3.16, "lora": 3.16, "kd": 1.0, "neo": 1.0}  # kd: a tie goes to the smaller
+    used = lambda section, label: set(section.selection.students.loc[section.selection.students["label"] == label, "run_id"])
+    assert all(r.endswith("-tuned") for r in used(tuned, "lora")) and not any(r.endswith("-tuned") for r in used(paper, "lora"))
+    assert used(tuned, "neo") == used(paper, "neo")  # at lr_scale 1 the paper runs serve both protocols
+    assert "lr_scale 10: neither the paper protocol's 1 nor the tuned choice 1" in dict(report.left_out)["p-neo-lora-s0-r32-12-d1-x"]
+    tuning = report.table("tuning").display.set_index("model")
+    assert tuning.loc["lora", "×3.16"] == "**4.400**" and tuning.loc["neo", "×1"] == "**4.300**"
+    main_tuned = report.table("main_tuned").display.set_index("model")
+    assert main_tuned.loc["lora", "NLL ↓"] != report.table("main").display.set_index("model").loc["lora", "NLL ↓"]
+    readme = (tmp_path / "board" / "README.md").read_text()
+    assert readme.index("## Paper protocol") < readme.index("## Tuned protocol")
+    assert "### Learning-rate search (validation split)" in readme
