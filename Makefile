@@ -49,18 +49,19 @@ test-paper-shape: $(STAMP)
 #      method at its best rate for 3 seeds (a method whose best is the preset's rate reuses step 1's runs);
 #   3. lora and neo with every other adapter variant, minillm, and neo with JSD from a top-64
 #      teacher cache (seed 0, paper protocol);
-# then the tables, from these runs alone (--replace). About 3 to 4 hours on 2 CPU cores.
+# then the tables, from these runs alone (--replace). About 3 to 4 hours on 2 CPU cores; stopped
+# half-way, it continues where it was (--skip-done; the study continues by itself).
 LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
 leaderboard: $(STAMP)
-	$(VENV)/bin/neobench run --seeds 3 --runs-dir $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench run --seeds 3 --skip-done --runs-dir $(LEADERBOARD_RUNS)
 	$(VENV)/bin/neobench ablate tune-lr --runs-dir $(LEADERBOARD_RUNS) --no-report
-	$(VENV)/bin/neobench run --seeds 3 --protocol tuned --runs-dir $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench run --seeds 3 --protocol tuned --skip-done --runs-dir $(LEADERBOARD_RUNS)
 	for v in dora pissa rslora moslora; do \
-		$(VENV)/bin/neobench run --method lora --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
-		$(VENV)/bin/neobench run --method neo --variant $$v --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
+		$(VENV)/bin/neobench run --method lora --variant $$v --skip-done --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
+		$(VENV)/bin/neobench run --method neo --variant $$v --skip-done --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
 	done
-	$(VENV)/bin/neobench run --method minillm --runs-dir $(LEADERBOARD_RUNS)
-	$(VENV)/bin/neobench run --method neo --loss jsd --teacher-cache topk:64 --runs-dir $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench run --method minillm --skip-done --runs-dir $(LEADERBOARD_RUNS)
+	$(VENV)/bin/neobench run --method neo --loss jsd --teacher-cache topk:64 --skip-done --runs-dir $(LEADERBOARD_RUNS)
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/

@@ -48,6 +48,7 @@ def run(
     lr: Optional[float] = typer.Option(None, help="Learning rate of full fine-tuning (sft, kd).", rich_help_panel=OPTIM),
     adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
     lr_scale: Optional[float] = typer.Option(None, help="Multiply the method's learning rate by this.", rich_help_panel=OPTIM),
+    skip_done: bool = typer.Option(False, "--skip-done", help="Leave out runs whose exact configuration (seed included) already finished under --runs-dir: a long matrix stopped half-way continues where it was.", rich_help_panel=WHAT),
     protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
@@ -142,6 +143,11 @@ def run(
         if protocol == "tuned":
             cfgs = tuned_configs(cfgs, given)
             if not cfgs:
+                return
+        if skip_done:
+            cfgs = not_done(cfgs)
+            if not cfgs:
+                console.print(f"every planned run already finished under {base.runs_dir}/", highlight=False)
                 return
         if under_torchrun:  # every rank runs the plan in this process
             results = [r for cfg in cfgs if (r := execute(cfg))]
@@ -314,6 +320,21 @@ def export(
 
 
 PROTOCOLS = ("paper", "tuned")
+
+
+def not_done(cfgs: list) -> list:
+    """The planned runs that have no finished twin under their runs directory (--skip-done)."""
+    from neobench.experiment import run_label
+    from neobench.runs import finished_like
+
+    todo = []
+    for cfg in cfgs:
+        twin = finished_like(cfg)
+        if twin is None:
+            todo.append(cfg)
+        else:
+            console.print(f"{run_label(cfg)} seed {cfg.seed}: already finished in {twin}", highlight=False)
+    return todo
 
 
 def tuned_configs(cfgs: list, given: dict) -> list:

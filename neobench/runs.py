@@ -25,7 +25,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -142,3 +142,22 @@ def unfinished_run(runs_dir: str | Path, run_id: str) -> Path:
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+BOOKKEEPING = ("runs_dir", "log_to", "save_every", "save_weights", "strategy")
+"""Config fields that say how a run was kept or watched, not what it trained or how it was scored."""
+
+
+def finished_like(cfg: RunConfig) -> Optional[Path]:
+    """A finished, scored run under cfg.runs_dir with exactly this configuration (seed included), if any."""
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+    root = Path(cfg.runs_dir)
+    for run in sorted(root.iterdir()) if root.is_dir() else []:
+        if run.name.startswith(".") or not (run / "metrics.json").is_file() or not (run / "config.yaml").is_file():
+            continue
+        stored = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        scored = cfg.eval_tasks == "none" or any((run / "evaluations").glob("*.json"))
+        # A field the stored config lacks (it predates the field) had today's default.
+        if scored and {k: v for k, v in {**RunConfig().to_dict(), **stored}.items() if k not in BOOKKEEPING} == wanted:
+            return run
+    return None

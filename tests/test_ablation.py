@@ -335,3 +335,60 @@ def test_a_diverged_trial_is_failed_with_its_reason_and_never_run_again(tiny_pre
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"], "diverged trials count as done: none is queued again"
     assert sorted(launched) == [2, 8]
     assert {t.user_attrs["diverged"] for t in trials} == {"rank 2 diverged at step 3", "rank 8 diverged at step 3"}
+
+
+# --- validation / test isolation and the tuned protocol -------------------------------------------
+
+
+def test_a_study_may_not_select_on_the_test_split(tiny_preset, tmp_path):
+    for split in ("test", "heldout"):
+        path = write_study(tmp_path, "peek", tiny_preset, fixed={"method": "neo", "eval_split": split})
+        with pytest.raises(NeobenchError, match=f"fixed.eval_split.*may not be '{split}'"):
+            load_spec(str(path))
+
+
+def test_tuning_reads_only_validation_documents_and_the_tuned_protocol_uses_its_choice(tiny, tmp_path, cli):
+    from neobench.evaluation import EvalSpec, load_tasks
+
+    # Held-out data in two splits (distinct prompts), and a preset that scores the test split...
+    from conftest import tiny_rows
+
+    heldout = tmp_path / "heldout.json"
+    heldout.write_text(json.dumps({"test": tiny_rows(12)[:4], "validation": tiny_rows(12)[8:12]}))
+    preset = {
+        "preset": "tiny", "teacher": str(tiny["teacher"]), "student": str(tiny["student"]), "train_data": str(tiny["data"]),
+        "seq_len": 64, "batch_size": 4, "max_steps": 2, "lr": 1e-3, "rank": 4, "runs_dir": str(tmp_path / "runs"),
+        "eval_tasks": "neo_heldout_nll", "eval_data": str(heldout), "eval_split": "test", "eval_limit": 4,
+        "eval_batch_size": 4,
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
+    study = write_study(tmp_path, "tune-lr", tmp_path / "tiny.yaml", trials=2, fixed={"method": "neo"},
+                        space={"lr_scale": {"type": "float", "low": 1.0, "high": 3.16, "log": True, "grid": [1.0, 3.16]}},
+                        intermediate={"every": 1, "prompts": 2})
+    runs = tmp_path / "runs"
+    code, stderr = cli("run", "--preset", str(tmp_path / "tiny.yaml"), "--method", "neo", "--protocol", "tuned")
+    assert code == 2 and "needs the 'tune-lr' study" in stderr and "neobench ablate tune-lr --runs-dir" in stderr
+    code, stderr = cli("ablate", str(study), "--no-report")
+    assert code == 0, stderr[-3000:]
+
+    # ...but every trial (its intermediate reports and its objective) read the validation split.
+    hashes = {split: load_tasks(EvalSpec(tasks=("neo_heldout_nll",), limit=4, heldout_data=str(heldout), heldout_split=split),
+                                str(tiny["student"])).hashes["neo_heldout_nll"] for split in ("validation", "test")}
+    trials = trials_in(runs / "ablations.db", "tune-lr")
+    for trial in trials:
+        run_dir = runs / trial.user_attrs["run_ids"][0]
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval_split"] == "validation"
+        stored = json.loads(next((run_dir / "evaluations").glob("*.json")).read_text())["evaluations"][0]
+        assert stored["task_hashes"]["neo_heldout_nll"] == hashes["validation"] != hashes["test"]
+        assert len(stored["per_doc"]["neo_heldout_nll"]["docs"]) == 4
+
+    best = min(trials, key=lambda t: (t.value, t.params["lr_scale"])).params["lr_scale"]
+    code, stderr = cli("run", "--preset", str(tmp_path / "tiny.yaml"), "--method", "neo", "--protocol", "tuned", "--skip-done")
+    assert code == 0, stderr[-3000:]
+    assert f"tuned protocol: neo at lr_scale {best:g}" in stderr
+    tuned = [c for c in run_configs(runs) if c["study"] is None]
+    assert [(c["lr_scale"], c["eval_split"]) for c in tuned] == ([] if best == 1.0 else [(best, "test")])
+    code, stderr = cli("run", "--preset", str(tmp_path / "tiny.yaml"), "--method", "neo", "--protocol", "tuned", "--skip-done")
+    assert code == 0 and len([c for c in run_configs(runs) if c["study"] is None]) == len(tuned)
+    if best != 1.0:
+        assert "neo+lora seed 0: already finished in" in " ".join(stderr.split())
