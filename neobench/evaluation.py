@@ -559,6 +559,11 @@ def evaluation_file(run_dir: Path, spec: EvalSpec) -> Path:
     return Path(run_dir) / "evaluations" / f"{_sha(spec.to_dict())[:12]}.json"
 
 
+TERMINAL_HIDDEN = {("neo_heldout_nll", "perplexity"), ("neo_heldout_match", "acc_norm"), ("neo_heldout_rougeL", "at_cap")}
+"""Left out of the terminal table so that it fits 80 columns (exp of NLL, a variant of match, and a
+share the length column hints at); the run's evaluations/ and the leaderboards have them."""
+
+
 def scores_table(evaluations: list[tuple[str, list[dict]]], title: str = "scores (± stderr)"):
     """Rows = models, columns = task metrics; two lines per cell (value, ± stderr) to fit 80 columns."""
     from rich import box
@@ -567,7 +572,7 @@ def scores_table(evaluations: list[tuple[str, list[dict]]], title: str = "scores
     columns: list[tuple[str, str]] = []
     for _, rows in evaluations:
         for r in rows:
-            if (r["task"], r["metric"]) not in columns:
+            if (r["task"], r["metric"]) not in columns and (r["task"], r["metric"]) not in TERMINAL_HIDDEN:
                 columns.append((r["task"], r["metric"]))
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", no_wrap=True)
@@ -585,7 +590,8 @@ def scores_table(evaluations: list[tuple[str, list[dict]]], title: str = "scores
             if r is None:
                 row.append("-")
             else:
-                err = f"\n±{r['stderr']:.3f}" if r["stderr"] is not None else ""
-                row.append(f"{r['value']:.3f}{err}")
+                digits = 2 if abs(r["value"]) >= 10 else 3  # ROUGE-L (x100) and lengths in tokens
+                err = f"\n±{r['stderr']:.{digits}f}" if r["stderr"] is not None else ""
+                row.append(f"{r['value']:.{digits}f}{err}")
         table.add_row(label, *row)
     return table
