@@ -198,3 +198,25 @@ def test_a_run_trained_without_evaluation_is_found_scored_and_reported(tiny_cfg,
     code, stderr = cli("report", "--runs", str(runs), "--out", str(tmp_path / "lb"))
     assert code == 0, stderr
     assert "collected 1 runs of smol-cpu" in stderr
+
+
+def test_skip_done_finds_a_finished_twin_by_its_whole_configuration(tiny_cfg, tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from neobench.runs import finished_like
+
+    cfg = dataclasses.replace(tiny_cfg, method="neo", eval_tasks="neo_heldout_nll")
+    run = Path(cfg.runs_dir) / "tiny-neo-lora-s0-1"
+    (run / "evaluations").mkdir(parents=True)
+    stored = {k: v for k, v in cfg.to_dict().items() if k != "lr_scale"}  # written before lr_scale existed
+    (run / "config.yaml").write_text(yaml.safe_dump({**stored, "runs_dir": "elsewhere", "log_to": "tensorboard"}))
+    (run / "metrics.json").write_text("{}")
+    assert finished_like(cfg) is None  # trained but never scored: not done
+    (run / "evaluations" / "x.json").write_text("{}")
+    assert finished_like(cfg) == run  # where it was kept and how it was watched do not matter
+    assert finished_like(dataclasses.replace(cfg, lr_scale=1.0)) == run  # a missing field had its default
+    for change in ({"seed": 1}, {"lr_scale": 3.16}, {"rank": 8}, {"eval_limit": 3}):
+        assert finished_like(dataclasses.replace(cfg, **change)) is None, change
