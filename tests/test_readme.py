@@ -60,7 +60,8 @@ class Reached(Exception):
 
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
-    "run": ["neobench.experiment.execute_many", "neobench.experiment.execute", "neobench.cli.resume_run"],
+    "run": ["neobench.experiment.execute_many", "neobench.experiment.execute", "neobench.cli.resume_run",
+            "neobench.ablation.tuned_lr_scales"],
     "eval": ["neobench.experiment.evaluate_run", "neobench.experiment.evaluate_model"],
     "report": ["neobench.results.load_results"],
     "ablate": ["neobench.ablation.run_study"],
@@ -95,9 +96,11 @@ def test_every_readme_command_parses_and_passes_its_checks(number, argv, monkeyp
 
 # README commands that need what a test cannot have (the network, a PostgreSQL server, a killed
 # run to resume, the memory of 8B-shape models) or that only multiply the work (seeds, workers,
-# trials) are only checked above; tests/test_scale.py runs resume and random: models. The rest run with the
-# tiny preset added; on the tiny teacher (4 layers) pruned:15 becomes pruned:2.
-NOT_RUN = ("arc_easy", "postgresql://", "HuggingFaceTB/", "--seeds", "--workers", "--trials", "--resume", "random:")
+# trials, the 16-trial learning-rate search and the runs it chooses) are only checked above;
+# tests/test_scale.py runs resume and random: models, tests/test_ablation.py the tuned protocol.
+# The rest run with the tiny preset added; on the tiny teacher (4 layers) pruned:15 becomes pruned:2.
+NOT_RUN = ("arc_easy", "postgresql://", "HuggingFaceTB/", "--seeds", "--workers", "--trials", "--resume", "random:",
+           "tune-lr", "--protocol")
 
 
 
