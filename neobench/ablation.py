@@ -818,7 +818,6 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_name: st
     import optuna
     from optuna.trial import TrialState
 
-    from neobench.config import apply_overrides
     from neobench.report import label_of
 
     url = storage or default_storage(runs_dir)
@@ -829,8 +828,9 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_name: st
         study = optuna.load_study(study_name=study_name, storage=open_storage(url))
     except KeyError:
         raise NeobenchError(f"the tuned protocol needs the {study_name!r} study, which {url} does not hold; {hint}") from None
-    spec = load_spec(study.user_attrs.get("spec", study_name))
-    base = spec.base_config()
+    # The study's own record of its preset and fixed settings (its file may have moved or changed).
+    attrs = study.user_attrs
+    base = apply_overrides(load_preset(attrs["preset"]), {**attrs.get("budget", {}), **attrs.get("fixed", {})}, f"study {study_name!r}")
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
