@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test test-postgres test-paper-shape bench bench-paper-shape gpu-check leaderboard ablations report clean
+.PHONY: setup demo test test-postgres test-paper-shape test-processes bench bench-paper-shape gpu-check leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,6 +36,12 @@ test: $(STAMP)
 test-postgres: $(STAMP)
 	$(PY) -m pip install --quiet "psycopg[binary]>=3.1"
 	tests/postgres/with_cluster.sh $(PY) -m pytest -q -m postgres tests/test_postgres.py
+
+# Study workers as processes: two workers on one storage finish exactly N trials, and a study whose
+# worker is killed mid-trial resumes and reruns that trial. About 2 minutes, so kept out of
+# `make test`; .ci/run runs it.
+test-processes: $(STAMP)
+	NEOBENCH_TEST_PROCESSES=1 $(PY) -m pytest -q -m processes tests/test_ablation.py
 
 # The paper preset on random-weight models of the paper's shapes (Llama-3.1-8B teacher, Llama-3.2-1B
 # student, 1 decoder layer each): kd and neo train 2 steps. About a minute and 10 GB of memory,
