@@ -325,6 +325,8 @@ def paired_comparisons(sel: Selection, labels: list[str], per_doc: Optional[pd.D
         for base in BASELINES:
             if label in REFERENCES or label == base or base not in present:
                 continue
+            if label in BASELINES and any((f.model, f.baseline) == (base, label) for f in found):
+                continue  # kd vs LoRA is lora vs KD turned round: counted (and corrected for) once
             for task, metric in columns:
                 a = per_doc_matrix(sel, per_doc, label, task, metric)
                 b = per_doc_matrix(sel, per_doc, base, task, metric)
@@ -342,11 +344,13 @@ def metric_digits(metric: str) -> int:
     return 2 if metric in ("rougeL", "response_tokens") else 3
 
 
-def fmt_delta(item: Paired) -> str:
+def fmt_delta(item: Paired, turned: bool = False) -> str:
+    """"+0.012 [+0.004, +0.020]*"; ``turned``: the comparison read the other way round (baseline - model)."""
     from neobench.paired import significance_mark
 
     d, r = metric_digits(item.metric), item.result
-    return f"{r.delta:+.{d}f} [{r.low:+.{d}f}, {r.high:+.{d}f}]{significance_mark(item.p_holm)}"
+    delta, low, high = (-r.delta, -r.high, -r.low) if turned else (r.delta, r.low, r.high)
+    return f"{delta:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}]{significance_mark(item.p_holm)}"
 
 
 def fmt_p(p: float) -> str:
@@ -394,7 +398,7 @@ def score_table(sel: Selection, name: str, title: str, labels: list[str], paired
         for task, metric in columns:
             cell = cells.get((label, task, metric))
             arrow = "↑" if hib.get((task, metric), True) else "↓"
-            row[f"{column_name(task, metric)} {arrow}"] = fmt(cell)
+            row[f"{column_name(task, metric)} {arrow}"] = fmt(cell, metric_digits(metric))
             if cell:
                 numeric_rows.append({"model": label, "task": task, "metric": metric, "n": cell.n, "mean": cell.mean,
                                      "half_width": cell.half, "interval": cell.kind, "best": cell.best})
@@ -407,7 +411,9 @@ def score_table(sel: Selection, name: str, title: str, labels: list[str], paired
             arrow = "↑" if hib.get(DELTA_METRIC, False) else "↓"
             for base, base_name in BASELINES.items():
                 hit = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (label, base, task, metric)]
-                row[f"Δ {column_name(task, metric)} vs {base_name} {arrow}"] = fmt_delta(hit[0]) if hit else "—"
+                mirror = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (base, label, task, metric)]
+                cell = fmt_delta(hit[0]) if hit else fmt_delta(mirror[0], turned=True) if mirror else "—"
+                row[f"Δ {column_name(task, metric)} vs {base_name} {arrow}"] = cell
         display_rows.append(row)
     return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows))
 
@@ -667,17 +673,19 @@ def generation_table(sel: Selection, name: str, title: str, labels: list[str]) -
         row = {"model": label}
         for task, metric in GENERATION:
             cell = cells.get((label, task, metric))
-            if metric == "at_cap":
-                row["at cap"] = "—" if cell is None else pct(cell)
+            if metric == "at_cap":  # descriptive: means over seeds, without intervals
+                row["at cap"] = "—" if cell is None else f"{100 * cell.mean:.0f}%"
+            elif metric == "response_tokens":
+                row["length (tokens)"] = "—" if cell is None else f"{cell.mean:.1f}"
             else:
-                row[{"rougeL": "ROUGE-L ↑", "response_tokens": "length (tokens)"}[metric]] = fmt(cell, metric_digits(metric))
+                row["ROUGE-L ↑"] = fmt(cell, metric_digits(metric))
             if cell:
                 numeric_rows.append({"model": label, "task": task, "metric": metric, "n": cell.n, "mean": cell.mean,
                                      "half_width": cell.half, "interval": cell.kind})
         display_rows.append(row)
     notes = ["Each student answers the held-out prompts itself (greedy, at most 128 new tokens, stopped at the end of its "
-             "turn); ROUGE-L is the F-measure (×100, stemmed) of its answer against the teacher's response. *at cap*: "
-             "the share of answers that were still going at 128 tokens."]
+             "turn); ROUGE-L is the F-measure (×100, stemmed) of its answer against the teacher's response. *length*: the "
+             "answers' mean length in tokens; *at cap*: the share still going at 128 tokens (both means over seeds)."]
     return Table(name, title, pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
 
 
@@ -847,6 +855,8 @@ def row_labels(sel: Selection) -> tuple[list[str], list[str], list[str]]:
     """Rows of the main table (references first), of the variants table, and every student once."""
     main = [r for r in REFERENCES if (sel.references["method"] == r).any()] + student_labels(sel, adapter_variants=False)
     variants = student_labels(sel, adapter_variants=True)
+    if all(v in main for v in variants):  # no variant but plain LoRA: the main table says it all
+        variants = []
     return main, variants, [l for l in main if l not in REFERENCES] + [v for v in variants if v not in main]
 
 
