@@ -71,11 +71,13 @@ leaderboard: $(STAMP)
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
-# (8 trials each, about 30 minutes per study on 2 CPU cores). Trials go to runs/, the studies
-# to runs/ablations.db; running it again continues (finished trials are not redone).
+# (8 trials each, about 30 minutes per study on 2 CPU cores), scored on the validation split.
+# Trials and their studies go to $(ABLATION_RUNS) (ablations.db); running it again continues
+# (finished trials are not redone).
+ABLATION_RUNS ?= runs/ablations-smol-cpu
 ablations: $(STAMP)
-	$(VENV)/bin/neobench ablate rank --trials 8
-	$(VENV)/bin/neobench ablate kd_ratio --trials 8
+	$(VENV)/bin/neobench ablate rank --trials 8 --runs-dir $(ABLATION_RUNS)
+	$(VENV)/bin/neobench ablate kd_ratio --trials 8 --runs-dir $(ABLATION_RUNS)
 
 report: $(STAMP)
 	$(VENV)/bin/neobench report

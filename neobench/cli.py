@@ -429,7 +429,7 @@ def report(
     Runs under --runs are added to OUT/<preset>/results.jsonl (the tidy rows; a run already
     there is replaced; with --replace the runs under --runs become all of it), with their
     per-document scores in per_doc.csv, then every preset's tables and plots are rebuilt from
-    these rows alone. Each student is compared with LoRA and KD on the same documents (paired
+    these rows alone. Each student is compared with LoRA, KD and SFT on the same documents (paired
     bootstrap, Holm-corrected); the paper and tuned protocols get separate tables.
     Without runs (a fresh clone), the committed rows regenerate the committed files exactly.
     Only runs with one budget, one data hash and one config per method are compared; the

@@ -38,8 +38,10 @@ HEADLINE = {
 }
 DELTA_METRIC = ("neo_heldout_nll", "nll")
 """The metric of the main table's Δ columns (every headline metric is in the paired table)."""
-BASELINES = {"lora": "LoRA", "kd": "KD"}
-"""What every student row is compared with, on the same documents."""
+BASELINES = {"lora": "LoRA", "kd": "KD", "sft": "SFT"}
+"""What every student row is compared with, on the same documents (the paired tables)."""
+DELTA_COLUMNS = ("lora", "kd")
+"""The baselines of the main table's Δ columns."""
 GENERATION = [("neo_heldout_rougeL", "rougeL"), ("neo_heldout_rougeL", "response_tokens"), ("neo_heldout_rougeL", "at_cap")]
 # What the teacher scores against itself, by definition; neo_fidelity does not score the teacher.
 TEACHER_BY_DEFINITION = {("neo_fidelity", "kl"): 0.0, ("neo_fidelity", "top1_agreement"): 1.0}
@@ -312,8 +314,8 @@ def per_doc_matrix(sel: Selection, per_doc: pd.DataFrame, label: str, task: str,
 
 
 def paired_comparisons(sel: Selection, labels: list[str], per_doc: Optional[pd.DataFrame]) -> list[Paired]:
-    """Every student of ``labels`` against each baseline (LoRA, KD) on every headline metric, with
-    Holm's adjustment over all of them (one family per table)."""
+    """Every student of ``labels`` against each baseline (LoRA, KD, SFT) on every headline metric,
+    each pair once, with Holm's adjustment over all of them (one family per table)."""
     from neobench.paired import compare, holm
 
     if per_doc is None or per_doc.empty:
@@ -326,7 +328,7 @@ def paired_comparisons(sel: Selection, labels: list[str], per_doc: Optional[pd.D
             if label in REFERENCES or label == base or base not in present:
                 continue
             if label in BASELINES and any((f.model, f.baseline) == (base, label) for f in found):
-                continue  # kd vs LoRA is lora vs KD turned round: counted (and corrected for) once
+                continue  # kd vs LoRA is lora vs KD turned round (lora vs SFT is sft vs LoRA): counted once
             for task, metric in columns:
                 a = per_doc_matrix(sel, per_doc, label, task, metric)
                 b = per_doc_matrix(sel, per_doc, base, task, metric)
@@ -409,7 +411,7 @@ def score_table(sel: Selection, name: str, title: str, labels: list[str], paired
         if paired:
             task, metric = DELTA_METRIC
             arrow = "↑" if hib.get(DELTA_METRIC, False) else "↓"
-            for base, base_name in BASELINES.items():
+            for base, base_name in ((b, BASELINES[b]) for b in DELTA_COLUMNS):
                 hit = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (label, base, task, metric)]
                 mirror = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (base, label, task, metric)]
                 cell = fmt_delta(hit[0]) if hit else fmt_delta(mirror[0], turned=True) if mirror else "—"
@@ -895,7 +897,7 @@ def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tu
         "Cells are mean ± 95% confidence interval over seeds (Student-t); with one seed (and for the reference "
         "rows `teacher` and `untrained`), ± the standard error lm-eval reports. **Bold** marks the best student in a "
         "column. *gap closed* is the share of the distance from the untrained student (0%) to the teacher (100%) "
-        "that training covered, averaged over the columns. The Δ columns compare each student with LoRA and with KD "
+        "that training covered, averaged over the columns. The Δ columns compare each student's NLL with LoRA's and KD's "
         "on the same documents: paired difference [95% paired-bootstrap interval], * where significant after Holm's "
         "correction over the table's comparisons (the paired tables below list every metric).\n",
     ]
