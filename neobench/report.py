@@ -711,6 +711,17 @@ def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def tuned_choice(rows: pd.DataFrame) -> dict[str, float]:
+    """label -> the lr_scale with the lowest validation NLL, for labels whose search is complete
+    (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
+    from neobench.ablation import best_lr_scales
+
+    trials = tuning_trials(with_labels(rows) if "label" not in rows else rows)
+    tried = trials.groupby("label")["lr_scale"].nunique()
+    complete = trials[trials["label"].isin(set(tried[tried == tried.max()].index))]
+    return best_lr_scales(list(zip(complete["label"], complete["lr_scale"], complete["value"])), minimize=True)
+
+
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
     """The tune-lr study's trial rows of its objective (validation NLL), one per trial."""
     from neobench.ablation import TUNING_STUDY
@@ -722,8 +733,6 @@ def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
 def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str, str]]]:
     """The paper protocol (lr_scale 1) and, when the rows hold the tune-lr study, the tuned one;
     plus (run_id, reason) for every trained run in neither."""
-    from neobench.ablation import best_lr_scales
-
     rows = with_labels(rows)
     is_student = rows["model"] == "student"
     trial = is_student & rows["study"].notna()
@@ -732,8 +741,7 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
     paper = Protocol("paper", pd.concat([references, rows[trial], trained[trained["lr_scale"] == 1.0]]),
                      dict.fromkeys(trained["label"], 1.0))
     protocols = [paper]
-    trials = tuning_trials(rows)
-    chosen = best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+    chosen = tuned_choice(rows)
     in_tuned = pd.Series(False, index=trained.index)
     if chosen:
         in_tuned = trained["label"].map(chosen).eq(trained["lr_scale"])
@@ -822,26 +830,25 @@ def render(
 
 def tuning_table(rows: pd.DataFrame) -> Table:
     """The tune-lr study: validation NLL of every method at every lr_scale it tried; bold: the choice."""
-    from neobench.ablation import best_lr_scales
-
     trials = tuning_trials(with_labels(rows))
-    chosen = best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+    chosen = tuned_choice(rows)
     scales = sorted(set(trials["lr_scale"]))
     display_rows, numeric_rows = [], []
-    for label in student_order(list(chosen)):
+    for label in student_order(list(dict.fromkeys(trials["label"]))):
         mine = trials[trials["label"] == label]
         row = {"model": label}
         for scale in scales:
             hit = mine[mine["lr_scale"] == scale]
             text = "—" if hit.empty else f"{hit['value'].min():.3f}"
-            row[f"×{scale:g}"] = f"**{text}**" if scale == chosen[label] else text
+            row[f"×{scale:g}"] = f"**{text}**" if scale == chosen.get(label) else text
             for _, r in hit.iterrows():
                 numeric_rows.append({"model": label, "lr_scale": scale, "lr": r["lr"], "validation_nll": r["value"],
-                                     "chosen": scale == chosen[label], "trial": r["trial"]})
+                                     "chosen": scale == chosen.get(label), "trial": r["trial"]})
         display_rows.append(row)
     notes = ["Held-out NLL ↓ on the validation split (never the test split the tables score) after the same budget, one "
              "seed, for each multiple of the method's preset learning rate; **bold** is the multiple the tuned protocol "
-             "uses (the lowest NLL). Made by `neobench ablate tune-lr` (ablations/tune-lr.yaml)."]
+             "uses (the lowest NLL; a method whose search is not finished has none yet). Made by `neobench ablate "
+             "tune-lr` (ablations/tune-lr.yaml)."]
     return Table("tuning", "Learning-rate search (validation split)", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
 
 
