@@ -803,10 +803,17 @@ TUNING_STUDY = "tune-lr"
 def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> dict[str, float]:
     """(label, lr_scale, objective) of finished trials -> label: the lr_scale of its best objective.
 
-    Ties go to the smaller scale. neobench.report applies the same rule to the stored rows.
+    Ties go to the smaller scale. A label whose search is not complete (fewer rates tried than the
+    most-tried label) gets no choice yet. neobench.report applies this same function to the stored rows.
     """
+    tried: dict[str, set] = {}
+    for label, scale, _ in trials:
+        tried.setdefault(label, set()).add(scale)
+    most = max((len(s) for s in tried.values()), default=0)
     best: dict[str, tuple[float, float]] = {}
     for label, scale, value in trials:
+        if len(tried[label]) < most:
+            continue
         key = (value if minimize else -value, scale)
         if label not in best or key < best[label]:
             best[label] = key

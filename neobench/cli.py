@@ -352,7 +352,8 @@ def tuned_configs(cfgs: list, given: dict) -> list:
         label = label_of(cfg.method, cfg.effective_variant(), None)
         if label not in scales:
             raise NeobenchError(
-                f"the {TUNING_STUDY} study has no finished trial for {label}; it has {', '.join(sorted(scales))}"
+                f"the {TUNING_STUDY} study has not finished its search for {label} (it has chosen for: "
+                f"{', '.join(sorted(scales)) or 'none yet'}); run `neobench ablate {TUNING_STUDY}` to finish it"
             )
         if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
             tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))

@@ -717,9 +717,7 @@ def tuned_choice(rows: pd.DataFrame) -> dict[str, float]:
     from neobench.ablation import best_lr_scales
 
     trials = tuning_trials(with_labels(rows) if "label" not in rows else rows)
-    tried = trials.groupby("label")["lr_scale"].nunique()
-    complete = trials[trials["label"].isin(set(tried[tried == tried.max()].index))]
-    return best_lr_scales(list(zip(complete["label"], complete["lr_scale"], complete["value"])), minimize=True)
+    return best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
 
 
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
