@@ -847,7 +847,25 @@ def tuning_table(rows: pd.DataFrame) -> Table:
              "seed, for each multiple of the method's preset learning rate; **bold** is the multiple the tuned protocol "
              "uses (the lowest NLL; a method whose search is not finished has none yet). Made by `neobench ablate "
              "tune-lr` (ablations/tune-lr.yaml)."]
+    at_edge = grid_edge_choices(trials, chosen)
+    if at_edge:
+        notes.append("At the edge of the grid: " + "; ".join(
+            f"{', '.join(labels)} chose the {edge} multiple tried (×{scale:g})" for (edge, scale), labels in at_edge.items())
+            + ". Their best rate may lie beyond it, so for them the tuned protocol is a lower bound on what tuning gives.")
     return Table("tuning", "Learning-rate search (validation split)", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
+
+
+def grid_edge_choices(trials: pd.DataFrame, chosen: dict[str, float]) -> dict[tuple[str, float], list[str]]:
+    """(("largest" or "smallest", lr_scale) -> labels) for the choices at the end of the multiples a label tried."""
+    edges: dict[tuple[str, float], list[str]] = {}
+    for label in student_order(list(chosen)):
+        tried = trials.loc[trials["label"] == label, "lr_scale"]
+        if len(set(tried)) < 2:
+            continue
+        for edge, end in (("largest", tried.max()), ("smallest", tried.min())):
+            if chosen[label] == end:
+                edges.setdefault((edge, float(end)), []).append(label)
+    return edges
 
 
 def student_order(labels: list[str]) -> list[str]:

@@ -335,6 +335,11 @@ def test_the_tuned_protocol_takes_each_methods_best_validation_rate_and_never_mi
     tuning = report.table("tuning").display.set_index("model")
     assert tuning.loc["lora", "×3.16"] == "**4.400**" and tuning.loc["neo", "×1"] == "**4.300**"
     assert not tuning.loc["minillm"].str.startswith("**").any()
+    # lora and sft chose the largest multiple they tried: the note says their best may lie beyond
+    edge = [n for n in report.table("tuning").notes if n.startswith("At the edge of the grid")]
+    assert edge == ["At the edge of the grid: sft, lora chose the largest multiple tried (×3.16); kd, neo chose the "
+                    "smallest multiple tried (×1). Their best rate may lie beyond it, so for them the tuned protocol is a "
+                    "lower bound on what tuning gives."]
     main_tuned = report.table("main_tuned").display.set_index("model")
     assert main_tuned.loc["lora", "NLL ↓"] != report.table("main").display.set_index("model").loc["lora", "NLL ↓"]
     readme = (tmp_path / "board" / "README.md").read_text()
