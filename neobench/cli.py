@@ -98,10 +98,11 @@ def run(
     neobench run --method kd --nproc 2   one run on 2 processes (torchrun; same budget as 1 process)
     neobench run --save-every 50         checkpoints; after a kill: neobench run --resume RUN_ID
 
-    Flags left out take the preset's values (`neobench list --fields` shows every field).
-    Runs are written to RUNS_DIR/<run_id>/ (config.yaml, train_log.jsonl, metrics.json,
-    trained_weights.safetensors, evaluations/). After training, the student, the teacher and
-    the untrained student are scored on --tasks (reference scores are cached).
+    Flags left out take the preset's values (`neobench list --fields` shows
+    every field). Runs are written to RUNS_DIR/<run_id>/ (config.yaml,
+    train_log.jsonl, metrics.json, trained_weights.safetensors, evaluations/).
+    After training, the student, the teacher and the untrained student are
+    scored on --tasks (reference scores are cached).
     """
     from neobench.config import apply_overrides, load_preset
     from neobench.experiment import execute, execute_many, matrix_scores, plan, summary_table
@@ -278,7 +279,8 @@ def eval_command(
     neobench eval --run RUN_ID --tasks arc_easy  another task; stored beside the first
     neobench eval --model pruned:15 --limit 20   any model; results cached by content
 
-    A run's scores go to RUN_DIR/evaluations/; --model results to the neobench cache (and --out).
+    A run's scores go to RUN_DIR/evaluations/; --model results to the neobench
+    cache (and --out).
     """
     from neobench.experiment import evaluate_model, evaluate_run
 
@@ -306,9 +308,10 @@ def export(
     neobench export RUN_ID --out students/neo-dora            peft adapter (+ base_model/ if not on the Hub)
     neobench export RUN_ID --out students/neo-dora-merged --merged   one model: transformers, lm_eval --model hf
 
-    Adapter runs give a plain LoRA adapter (PiSSA converted, MoSLoRA's mixer folded in); full-weight
-    runs, and --merged, a save_pretrained directory with tokenizer and chat template. Both carry a
-    model card (README.md) with the run's scores, and the run's config.
+    Adapter runs give a plain LoRA adapter (PiSSA converted, MoSLoRA's mixer
+    folded in); full-weight runs, and --merged, a save_pretrained directory with
+    tokenizer and chat template. Both carry a model card (README.md) with the
+    run's scores, and the run's config.
     """
     from neobench.export import export_run
 
@@ -383,10 +386,11 @@ def ablate(
     neobench ablate lr --workers 2           two local workers on one SQLite study
     neobench ablate neo-hparams --storage postgresql://host/db   workers on many machines
 
-    Trials are ordinary run directories (tagged with study and trial) in RUNS_DIR. The study lives
-    in --storage; running the command again continues it, and a trial whose process died is run
-    again with the same parameters. Held-out NLL is reported every few steps, so a study with a
-    median pruner stops poor trials early.
+    Trials are ordinary run directories (tagged with study and trial) in
+    RUNS_DIR. The study lives in --storage; running the command again continues
+    it, and a trial whose process died is run again with the same parameters.
+    Held-out NLL is reported every few steps, so a study with a median pruner
+    stops poor trials early.
     """
     import shlex
 
@@ -427,14 +431,15 @@ def report(
     neobench report --runs runs/matrix     another runs directory
     neobench report --format md,csv        fewer formats
 
-    Runs under --runs are added to OUT/<preset>/results.jsonl (the tidy rows; a run already
-    there is replaced; with --replace the runs under --runs become all of it), with their
-    per-document scores in per_doc.csv, then every preset's tables and plots are rebuilt from
-    these rows alone. Each student is compared with LoRA, KD and SFT on the same documents (paired
-    bootstrap, Holm-corrected); the paper and tuned protocols get separate tables.
-    Without runs (a fresh clone), the committed rows regenerate the committed files exactly.
-    Only runs with one budget, one data hash and one config per method are compared; the
-    others are listed as left out, with the reason.
+    Runs under --runs are added to OUT/<preset>/results.jsonl (the tidy rows; a
+    run already there is replaced; with --replace the runs under --runs become
+    all of it), with their per-document scores in per_doc.csv, then every
+    preset's tables and plots are rebuilt from these rows alone. Each student is
+    compared with LoRA, KD and SFT on the same documents (paired bootstrap,
+    Holm-corrected); the paper and tuned protocols get separate tables. Without
+    runs (a fresh clone), the committed rows regenerate the committed files
+    exactly. Only runs with one budget, one data hash and one config per method
+    are compared; the others are listed as left out, with the reason.
     """
     from neobench.report import FORMATS
     from neobench.results import (

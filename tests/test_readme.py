@@ -177,3 +177,31 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
     ran = {argv[1] for _, argv in chosen}
     assert ran == {"run", "eval", "report", "ablate", "list", "export"}, f"README commands run here cover only {sorted(ran)}"
     assert (tmp_path / "leaderboards" / "tiny" / "main.md").is_file()  # the report of runs/leaderboard-smol-cpu
+
+
+def test_every_leaderboard_table_the_readme_quotes_is_the_committed_one():
+    """A README table with a `model` column quotes the committed leaderboards: its header and each
+    of its rows (a quote may leave rows out) are rows of a generated file under leaderboards/, cell
+    for cell, so no figure there is typed in."""
+
+    def cells(line: str) -> tuple[str, ...]:
+        return tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
+
+    def is_rule(line: str) -> bool:
+        return set(line) <= set("|:- ")
+
+    generated = {cells(line) for path in (REPO / "leaderboards").rglob("*.md")
+                 for line in path.read_text().splitlines() if line.startswith("|") and not is_rule(line)}
+    tables, current = [], None
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("| model"):
+            current = []
+            tables.append((number, current))
+        if current is not None and line.startswith("|"):
+            current += [] if is_rule(line) else [line]
+        elif current is not None:
+            current = None
+    assert len(tables) >= 5
+    for number, lines in tables:
+        missing = [line for line in lines if cells(line) not in generated]
+        assert not missing, f"README.md line {number}: table rows found in no leaderboards/**/*.md: {missing[:2]}"
