@@ -711,12 +711,11 @@ def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def tuned_choice(rows: pd.DataFrame) -> dict[str, float]:
-    """label -> the lr_scale with the lowest validation NLL, for labels whose search is complete
-    (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
+def tuned_choice(trials: pd.DataFrame) -> dict[str, float]:
+    """label -> the lr_scale with the lowest validation NLL among ``tuning_trials``, for labels whose search
+    is complete (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
     from neobench.ablation import best_lr_scales
 
-    trials = tuning_trials(with_labels(rows) if "label" not in rows else rows)
     return best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
 
 
@@ -739,7 +738,7 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
     paper = Protocol("paper", pd.concat([references, rows[trial], trained[trained["lr_scale"] == 1.0]]),
                      dict.fromkeys(trained["label"], 1.0))
     protocols = [paper]
-    chosen = tuned_choice(rows)
+    chosen = tuned_choice(tuning_trials(rows))
     in_tuned = pd.Series(False, index=trained.index)
     if chosen:
         in_tuned = trained["label"].map(chosen).eq(trained["lr_scale"])
@@ -829,7 +828,7 @@ def render(
 def tuning_table(rows: pd.DataFrame) -> Table:
     """The tune-lr study: validation NLL of every method at every lr_scale it tried; bold: the choice."""
     trials = tuning_trials(with_labels(rows))
-    chosen = tuned_choice(rows)
+    chosen = tuned_choice(trials)
     scales = sorted(set(trials["lr_scale"]))
     display_rows, numeric_rows = [], []
     for label in student_order(list(dict.fromkeys(trials["label"]))):
