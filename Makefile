@@ -55,29 +55,43 @@ test-paper-shape: $(STAMP)
 #      method at its best rate for 3 seeds (a method whose best is the preset's rate reuses step 1's runs);
 #   3. lora and neo with every other adapter variant, minillm, and neo with JSD from a top-64
 #      teacher cache (seed 0, paper protocol);
-# then the tables, from these runs alone (--replace). About 3 to 4 hours on 2 CPU cores; stopped
-# half-way, it continues where it was (--skip-done; the study continues by itself).
+#   4. the variants in the tuned protocol: the tune-lr-variants study (neo with each variant at the same
+#      4 rates), then neo with each variant at its best rate (seed 0, like step 3);
+# then the tables, from these runs alone (--replace). About 4 to 5 hours on 2 CPU cores; stopped
+# half-way, it continues where it was (--skip-done; the studies continue by themselves).
+# In fp32 on every machine (--dtype auto would pick bf16 on a CPU with AVX-512 BF16): the committed
+# board is fp32, and the report never compares runs of two dtypes. LEADERBOARD_DTYPE=auto for your own.
 LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
+LEADERBOARD_DTYPE ?= float32
+RUN := $(VENV)/bin/neobench run --dtype $(LEADERBOARD_DTYPE) --skip-done --runs-dir $(LEADERBOARD_RUNS)
+ABLATE := $(VENV)/bin/neobench ablate --dtype $(LEADERBOARD_DTYPE) --runs-dir $(LEADERBOARD_RUNS) --no-report
 leaderboard: $(STAMP)
-	$(VENV)/bin/neobench run --seeds 3 --skip-done --runs-dir $(LEADERBOARD_RUNS)
-	$(VENV)/bin/neobench ablate tune-lr --runs-dir $(LEADERBOARD_RUNS) --no-report
-	$(VENV)/bin/neobench run --seeds 3 --protocol tuned --skip-done --runs-dir $(LEADERBOARD_RUNS)
+	$(RUN) --seeds 3
+	$(ABLATE) tune-lr
+	$(RUN) --seeds 3 --protocol tuned
 	for v in dora pissa rslora moslora; do \
-		$(VENV)/bin/neobench run --method lora --variant $$v --skip-done --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
-		$(VENV)/bin/neobench run --method neo --variant $$v --skip-done --runs-dir $(LEADERBOARD_RUNS) || exit 1; \
+		$(RUN) --method lora --variant $$v || exit 1; \
+		$(RUN) --method neo --variant $$v || exit 1; \
 	done
-	$(VENV)/bin/neobench run --method minillm --skip-done --runs-dir $(LEADERBOARD_RUNS)
-	$(VENV)/bin/neobench run --method neo --loss jsd --teacher-cache topk:64 --skip-done --runs-dir $(LEADERBOARD_RUNS)
+	$(RUN) --method minillm
+	$(RUN) --method neo --loss jsd --teacher-cache topk:64
+	$(ABLATE) tune-lr-variants
+	for v in dora pissa rslora moslora; do \
+		$(RUN) --method neo --variant $$v --protocol tuned || exit 1; \
+	done
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
-# (8 trials each, about 30 minutes per study on 2 CPU cores), scored on the validation split.
+# (8 trials each, about 25 minutes per study on 2 CPU cores), scored on the validation split.
+# In fp32 on every machine, like the committed leaderboard: --dtype auto would pick bf16 on a CPU
+# with AVX-512 BF16, and kd_ratio's neighbouring points differ by a few thousandths of a nat,
+# about as much as bf16 rounding moves one run.
 # Trials and their studies go to $(ABLATION_RUNS) (ablations.db); running it again continues
 # (finished trials are not redone).
 ABLATION_RUNS ?= runs/ablations-smol-cpu
 ablations: $(STAMP)
-	$(VENV)/bin/neobench ablate rank --trials 8 --runs-dir $(ABLATION_RUNS)
-	$(VENV)/bin/neobench ablate kd_ratio --trials 8 --runs-dir $(ABLATION_RUNS)
+	$(VENV)/bin/neobench ablate rank --trials 8 --dtype float32 --runs-dir $(ABLATION_RUNS)
+	$(VENV)/bin/neobench ablate kd_ratio --trials 8 --dtype float32 --runs-dir $(ABLATION_RUNS)
 
 report: $(STAMP)
 	$(VENV)/bin/neobench report

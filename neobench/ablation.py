@@ -283,6 +283,23 @@ def parse_spec(data: Any, name: str, source: str) -> StudySpec:
     )
 
 
+def with_dtype(spec: StudySpec, dtype: Optional[str]) -> StudySpec:
+    """`neobench ablate --dtype`: every trial in this dtype, held fixed as if the study file said so.
+
+    It joins ``fixed`` (and so the study's fingerprint): a study made in fp32 is not continued in bf16.
+    Pinning it matters because ``auto`` follows the hardware, and a sweep whose points differ by
+    hundredths of a nat should not change its numbers with the machine it runs on.
+    """
+    if dtype is None:
+        return spec
+    if any(p.name == "dtype" for p in spec.space):
+        raise NeobenchError(f"--dtype: study {spec.name!r} searches over dtype; drop --dtype or the dtype parameter")
+    fixed = tuple((k, v) for k, v in spec.fixed if k != "dtype") + (("dtype", dtype),)
+    pinned = dataclasses.replace(spec, fixed=fixed)
+    pinned.base_config()  # an unknown dtype fails here, in one line
+    return pinned
+
+
 def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
     field = f"space.{name}"
     if name not in FIELD_NAMES:
@@ -525,6 +542,14 @@ def create_study(spec: StudySpec, study_name: str, storage_url: str, direction: 
                            "space": [p.describe() for p in spec.space]}.items():
             study.set_user_attr(key, value)
     elif json.loads(json.dumps(stored)) != json.loads(json.dumps(spec.fingerprint())):
+        stored_fixed = dict(stored.get("fixed", []))
+        was, asked = stored_fixed.get("dtype", "auto"), dict(spec.fixed).get("dtype", "auto")
+        if was != asked:
+            same = f"--dtype {was}" if "dtype" in stored_fixed else "no --dtype"
+            raise NeobenchError(
+                f"study {study_name!r} in {storage_url} trains in dtype {was}, not {asked}; continue it with "
+                f"{same}, or start a {asked} one beside it with --study-name"
+            )
         raise NeobenchError(
             f"study {study_name!r} in {storage_url} was made from a different version of {spec.source}; "
             f"continue it with the same file, or start a new one with --study-name"
@@ -744,6 +769,8 @@ def run_study(
     else:
         cmd = [sys.executable, "-m", "neobench.cli", "ablate", spec.source, "--trials", str(n_trials),
                "--storage", storage_url, "--study-name", study_name, "--runs-dir", runs_dir]
+        if "dtype" in dict(spec.fixed):  # from the file or --dtype: passing it again is the same study
+            cmd += ["--dtype", str(dict(spec.fixed)["dtype"])]
         children = [subprocess.Popen([*cmd, "--worker", str(i + 1)]) for i in range(workers)]
         try:
             codes = [c.wait() for c in children]
@@ -797,7 +824,10 @@ def trial_reporter(payload: dict):
 # --- the tuned protocol -------------------------------------------------------------------------
 
 TUNING_STUDY = "tune-lr"
-"""The study whose best trial per method sets that method's lr_scale under `--protocol tuned`."""
+"""The study whose best trial per method (sft, lora, kd, neo) sets that method's lr_scale under `--protocol tuned`."""
+TUNING_STUDIES = (TUNING_STUDY, "tune-lr-variants")
+"""Every study the tuned protocol reads: the methods, then LLM-Neo's adapter variants (neo+dora, ...). Each
+label is tuned in one of them, on the same grid of multiples, so one completeness rule serves both."""
 
 
 def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> dict[str, float]:
@@ -820,28 +850,37 @@ def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> di
     return {label: scale for label, (_, scale) in best.items()}
 
 
-def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_name: str = TUNING_STUDY) -> dict[str, float]:
-    """label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale the study chose."""
+def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES) -> dict[str, float]:
+    """label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale the studies chose.
+
+    The studies in ``study_names`` that the storage holds are read together (at least one must be there)."""
     import optuna
     from optuna.trial import TrialState
 
     from neobench.report import label_of
 
     url = storage or default_storage(runs_dir)
-    hint = f"run `neobench ablate {study_name} --runs-dir {runs_dir}` first"
+    hint = f"run `neobench ablate {study_names[0]} --runs-dir {runs_dir}` first"
+    needs = f"the tuned protocol needs the {' or '.join(repr(n) for n in study_names)} study"
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise NeobenchError(f"the tuned protocol needs the {study_name!r} study, and {url} does not exist; {hint}")
-    try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    except KeyError:
-        raise NeobenchError(f"the tuned protocol needs the {study_name!r} study, which {url} does not hold; {hint}") from None
-    # The study's own record of its preset and fixed settings (its file may have moved or changed).
-    attrs = study.user_attrs
-    base = apply_overrides(load_preset(attrs["preset"]), {**attrs.get("budget", {}), **attrs.get("fixed", {})}, f"study {study_name!r}")
-    rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
-        rows.append((label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
+        raise NeobenchError(f"{needs}, and {url} does not exist; {hint}")
+    rows, directions = [], set()
+    for study_name in study_names:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+        except KeyError:
+            continue
+        directions.add(study.direction)
+        # The study's own record of its preset and fixed settings (its file may have moved or changed).
+        attrs = study.user_attrs
+        base = apply_overrides(load_preset(attrs["preset"]), {**attrs.get("budget", {}), **attrs.get("fixed", {})}, f"study {study_name!r}")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
+            rows.append((label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
+    if not directions:
+        raise NeobenchError(f"{needs}, which {url} does not hold; {hint}")
+    if len(directions) > 1:
+        raise NeobenchError(f"the tuning studies in {url} disagree on the direction of their objective; they cannot choose together")
     if not rows:
-        raise NeobenchError(f"study {study_name!r} in {url} has no finished trial yet; {hint}")
-    return best_lr_scales(rows, minimize=study.direction == optuna.study.StudyDirection.MINIMIZE)
+        raise NeobenchError(f"no tuning study in {url} has a finished trial yet; {hint}")
+    return best_lr_scales(rows, minimize=directions == {optuna.study.StudyDirection.MINIMIZE})

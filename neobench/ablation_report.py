@@ -80,8 +80,12 @@ def render(exported: dict, out_dir: Path) -> list[Path]:
     plots = {"history": lambda: optuna.visualization.matplotlib.plot_optimization_history(study)}
     if complete:
         plots["slice"] = lambda: optuna.visualization.matplotlib.plot_slice(study)
-    if len({k for t in complete for k in t.params}) >= 2:
-        plots["contour"] = lambda: optuna.visualization.matplotlib.plot_contour(study)
+    # A contour interpolates between neighbouring values, which means nothing across unordered
+    # categories (method, variant): only numeric parameters get one; the slice plot shows the rest.
+    numeric = sorted({k for t in complete for k, d in t.distributions.items()
+                      if not isinstance(d, optuna.distributions.CategoricalDistribution)})
+    if len(numeric) >= 2:
+        plots["contour"] = lambda: optuna.visualization.matplotlib.plot_contour(study, params=numeric)
     if importances:
         plots["importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(
             study, evaluator=FanovaImportanceEvaluator(seed=0))

@@ -49,7 +49,7 @@ def run(
     adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
     lr_scale: Optional[float] = typer.Option(None, help="Multiply the method's learning rate by this.", rich_help_panel=OPTIM),
     skip_done: bool = typer.Option(False, "--skip-done", help="Leave out runs whose exact configuration (seed included) already finished under --runs-dir: a long matrix stopped half-way continues where it was.", rich_help_panel=WHAT),
-    protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
+    protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study (tune-lr-variants for LLM-Neo's adapter variants) chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off).", rich_help_panel=OPTIM),
@@ -344,7 +344,7 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     """The planned runs with each method's lr_scale from the tune-lr study (see neobench.ablation)."""
     import dataclasses
 
-    from neobench.ablation import TUNING_STUDY, tuned_lr_scales
+    from neobench.ablation import TUNING_STUDIES, tuned_lr_scales
     from neobench.report import label_of
 
     if "lr_scale" in given:
@@ -355,8 +355,9 @@ def tuned_configs(cfgs: list, given: dict) -> list:
         label = label_of(cfg.method, cfg.effective_variant(), None)
         if label not in scales:
             raise NeobenchError(
-                f"the {TUNING_STUDY} study has not finished its search for {label} (it has chosen for: "
-                f"{', '.join(sorted(scales)) or 'none yet'}); run `neobench ablate {TUNING_STUDY}` to finish it"
+                f"no tuning study has finished its search for {label} (they have chosen for: "
+                f"{', '.join(sorted(scales)) or 'none yet'}); run `neobench ablate {study_for(label, TUNING_STUDIES)}` "
+                f"to finish it"
             )
         if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
             tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
@@ -366,9 +367,14 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     return tuned
 
 
+def study_for(label: str, studies: tuple[str, ...]) -> str:
+    """The tuning study that tunes ``label``: the methods' own, or the adapter variants' (neo+dora, ...)."""
+    return studies[1] if "+" in label else studies[0]
+
+
 @app.command()
 def ablate(
-    study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams) or a study YAML file."),
+    study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams, tune-lr, tune-lr-variants) or a study YAML file."),
     trials: Optional[int] = typer.Option(None, min=1, help="Trials the study should hold when done (default: the study file's). Finished ones count."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite:///RUNS_DIR/ablations.db). A PostgreSQL/MySQL URL lets workers on many machines share one study."),
     workers: int = typer.Option(1, min=1, help="Local worker processes on the same storage; each trains one trial at a time."),
@@ -376,6 +382,7 @@ def ablate(
     runs_dir: Optional[str] = typer.Option(None, help="Where trial runs are written (default: the preset's, runs)."),
     report_: bool = typer.Option(True, "--report/--no-report", help="Write leaderboards/<preset>/ablations/<study>.md and plots when done."),
     out: Path = typer.Option(Path("leaderboards"), help="Leaderboards directory for --report."),
+    dtype: Optional[str] = typer.Option(None, help="Hold every trial at this dtype (auto, float32, bfloat16), as if the study file fixed it; part of the study's identity. Default: the study file's, else the preset's (auto)."),
     worker: int = typer.Option(0, "--worker", hidden=True, help="Set by --workers: this worker's number (1, 2, ...)."),
 ):
     """Run an Optuna study: every trial is a `neobench run` with the study's parameters.
@@ -385,6 +392,7 @@ def ablate(
     neobench ablate kd_ratio --trials 8      8 trials (finished ones count: re-running continues)
     neobench ablate lr --workers 2           two local workers on one SQLite study
     neobench ablate neo-hparams --storage postgresql://host/db   workers on many machines
+    neobench ablate rank --dtype float32     every trial in fp32, whatever the CPU
 
     Trials are ordinary run directories (tagged with study and trial) in
     RUNS_DIR. The study lives in --storage; running the command again continues
@@ -394,11 +402,11 @@ def ablate(
     """
     import shlex
 
-    from neobench.ablation import load_spec, run_study, work
+    from neobench.ablation import load_spec, run_study, with_dtype, work
     from neobench.ablation_report import export_studies, render
     from neobench.config import RunConfig
 
-    spec = load_spec(study)
+    spec = with_dtype(load_spec(study), dtype)
     if worker:
         work(spec, study_name or spec.name, storage, trials or spec.trials, runs_dir or RunConfig.runs_dir, worker)
         return

@@ -720,10 +720,10 @@ def tuned_choice(trials: pd.DataFrame) -> dict[str, float]:
 
 
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
-    """The tune-lr study's trial rows of its objective (validation NLL), one per trial."""
-    from neobench.ablation import TUNING_STUDY
+    """The tuning studies' trial rows of their objective (validation NLL), one per trial."""
+    from neobench.ablation import TUNING_STUDIES
 
-    students = rows[(rows["model"] == "student") & (rows["study"] == TUNING_STUDY)]
+    students = rows[(rows["model"] == "student") & rows["study"].isin(TUNING_STUDIES)]
     return students[(students["task"] == "neo_heldout_nll") & (students["metric"] == "nll")]
 
 
@@ -745,7 +745,7 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
         protocols.append(Protocol("tuned", pd.concat([references, trained[in_tuned]]), chosen))
     neither = trained[(trained["lr_scale"] != 1.0) & ~in_tuned].drop_duplicates("run_id")
     left_out = [(r["run_id"], f"lr_scale {r['lr_scale']:g}: neither the paper protocol's 1 nor the tuned choice"
-                 + (f" {chosen[r['label']]:g}" if r["label"] in chosen else f" (the tune-lr study did not tune {r['label']})"))
+                 + (f" {chosen[r['label']]:g}" if r["label"] in chosen else f" (no tuning study tuned {r['label']})"))
                 for _, r in neither.iterrows()]
     return protocols, left_out
 
@@ -844,8 +844,8 @@ def tuning_table(rows: pd.DataFrame) -> Table:
         display_rows.append(row)
     notes = ["Held-out NLL ↓ on the validation split (never the test split the tables score) after the same budget, one "
              "seed, for each multiple of the method's preset learning rate; **bold** is the multiple the tuned protocol "
-             "uses (the lowest NLL; a method whose search is not finished has none yet). Made by `neobench ablate "
-             "tune-lr` (ablations/tune-lr.yaml)."]
+             "uses (the lowest NLL; a method whose search is not finished has none yet). Made by "
+             + " and ".join(f"`neobench ablate {name}` (ablations/{name}.yaml)" for name in sorted(set(trials["study"]))) + "."]
     at_edge = grid_edge_choices(trials, chosen)
     if at_edge:
         notes.append("At the edge of the grid: " + "; ".join(
@@ -895,7 +895,8 @@ def budget_line(sel: Selection, protocol: Protocol) -> str:
     rates = "; ".join(f"{lr:.3g} for {', '.join(labels)}" for lr, labels in sorted(by_rate.items()))
     return (
         f"Budget: {budget['steps']} optimizer steps of batch {budget['batch_size']} × {budget['grad_accum']} micro-batches, "
-        f"seq_len {budget['seq_len']}, data hash `{str(budget['data_hash'])[:12]}`; within a seed every method saw the same "
+        f"seq_len {budget['seq_len']}, computed in {budget['dtype']}, data hash `{str(budget['data_hash'])[:12]}`; within a "
+        f"seed every method saw the same "
         f"examples in the same order: {tokens} tokens. Learning rates: {rates}.\n"
     )
 
@@ -903,8 +904,9 @@ def budget_line(sel: Selection, protocol: Protocol) -> str:
 PROTOCOL_TEXT = {
     "paper": "Every method at its family's fixed learning rate (the preset's: full fine-tuning `lr`, adapters `adapter_lr` "
              "= 10 × `lr`), as the LLM-Neo paper compares them.",
-    "tuned": "Every method at its own best learning rate: the tune-lr study tried 4 multiples of the preset rate per "
-             "method on the validation split (one seed), and each method here trains at its best multiple over the "
+    "tuned": "Every method at its own best learning rate: the tune-lr study (and tune-lr-variants, for LLM-Neo's "
+             "adapter variants) tried 4 multiples of the preset rate per method on the validation split (one seed), "
+             "and each method here trains at its best multiple over the "
              "seeds shown, scored on the test split like the paper protocol. A method whose best multiple is 1 shows "
              "the paper protocol's runs again.",
 }

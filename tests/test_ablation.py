@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neobench.ablation import PRUNERS, SAMPLERS, load_spec, parse_spec, study_files
+from neobench.ablation import PRUNERS, SAMPLERS, load_spec, parse_spec, study_files, with_dtype
 from neobench.errors import NeobenchError
 
 
@@ -396,3 +396,87 @@ def test_tuning_reads_only_validation_documents_and_the_tuned_protocol_uses_its_
     code, stderr = cli("run", "--preset", str(tmp_path / "tiny.yaml"), "--method", "neo", "--protocol", "tuned", "--skip-done")
     assert code == 0 and len([c for c in run_configs(runs) if c["study"] is None]) == 1
     assert "neo+lora seed 0: already finished in" in " ".join(stderr.split())
+
+
+def test_dtype_pins_every_trial_and_is_part_of_the_study(tiny_preset, tmp_path, cli):
+    study = write_study(tmp_path, "pinned", tiny_preset, trials=1)
+    spec = load_spec(str(study))
+    pinned = with_dtype(spec, "float32")
+    assert dict(pinned.fixed) == {"method": "neo", "dtype": "float32"}
+    assert pinned.fingerprint() != spec.fingerprint(), "an fp32 study is not continued as an auto one"
+    assert with_dtype(spec, None) is spec
+    with pytest.raises(NeobenchError, match="unknown dtype 'fp8'"):
+        with_dtype(spec, "fp8")
+    searched = load_spec(str(write_study(tmp_path, "bydtype", tiny_preset, space={"dtype": {"type": "categorical", "choices": ["float32", "bfloat16"]}})))
+    with pytest.raises(NeobenchError, match="searches over dtype"):
+        with_dtype(searched, "float32")
+
+    runs = tmp_path / "runs"
+    code, stderr = cli("ablate", str(study), "--dtype", "float32", "--no-report")
+    assert code == 0, stderr[-3000:]
+    assert [c["dtype"] for c in run_configs(runs)] == ["float32"]
+    code, stderr = cli("ablate", str(study), "--dtype", "bfloat16", "--no-report")
+    assert code == 2 and "trains in dtype float32, not bfloat16; continue it with --dtype float32" in " ".join(stderr.split())
+    assert len(run_configs(runs)) == 1
+
+
+def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(tmp_path):
+    import dataclasses
+
+    import optuna
+
+    from neobench.ablation import TUNING_STUDIES, tuned_lr_scales
+    from neobench.cli import tuned_configs
+    from neobench.config import load_preset
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    storage = f"sqlite:///{runs / 'ablations.db'}"
+    scale = optuna.distributions.FloatDistribution(0.316, 10.0, log=True)
+
+    def study(name: str, fixed: dict, space: dict, trials: list[tuple[dict, float]]) -> None:
+        s = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+        s.set_user_attr("preset", "smol-cpu")
+        s.set_user_attr("budget", {"max_steps": 12})
+        s.set_user_attr("fixed", fixed)
+        for params, value in trials:
+            s.add_trial(optuna.trial.create_trial(params=params, distributions={**space, "lr_scale": scale}, value=value))
+
+    base = dataclasses.replace(load_preset("smol-cpu"), runs_dir=str(runs))
+    with pytest.raises(NeobenchError, match="needs the 'tune-lr' or 'tune-lr-variants' study, and .* does not exist"):
+        tuned_lr_scales(str(runs))
+    methods = optuna.distributions.CategoricalDistribution(["lora", "neo"])
+    study("tune-lr", {}, {"method": methods},
+          [({"method": m, "lr_scale": s}, v) for m, s, v in [("lora", 1.0, 4.4), ("lora", 10.0, 4.2), ("neo", 1.0, 4.1), ("neo", 10.0, 4.3)]])
+    assert tuned_lr_scales(str(runs)) == {"lora": 10.0, "neo": 1.0}
+    with pytest.raises(NeobenchError, match=r"neo\+dora .*run `neobench ablate tune-lr-variants`"):
+        tuned_configs([dataclasses.replace(base, method="neo", variant="dora")], {})
+
+    variants = optuna.distributions.CategoricalDistribution(["dora", "pissa"])
+    study(TUNING_STUDIES[1], {"method": "neo"}, {"variant": variants},
+          [({"variant": v, "lr_scale": s}, x) for v, s, x in [("dora", 1.0, 4.0), ("dora", 10.0, 3.9), ("pissa", 1.0, 3.8)]])
+    # pissa tried one multiple of two: its search is unfinished, so nothing is chosen for it yet
+    assert tuned_lr_scales(str(runs)) == {"lora": 10.0, "neo": 1.0, "neo+dora": 10.0}
+    (cfg,) = tuned_configs([dataclasses.replace(base, method="neo", variant="dora")], {})
+    assert (cfg.method, cfg.variant, cfg.lr_scale) == ("neo", "dora", 10.0)
+
+
+def test_a_contour_is_drawn_over_numeric_parameters_only(tmp_path):
+    """Interpolating between unordered categories (method, variant) draws a surface that means nothing."""
+    from neobench.ablation_report import render
+
+    scale = {"name": "FloatDistribution", "attributes": {"low": 0.1, "high": 10.0, "log": True, "step": None}}
+    method = {"name": "CategoricalDistribution", "attributes": {"choices": ["lora", "neo"]}}
+    rank = {"name": "IntDistribution", "attributes": {"low": 1, "high": 64, "log": True, "step": 1}}
+
+    def export(name: str, distributions: dict, params: list[dict]) -> dict:
+        return {"study": name, "direction": "minimize", "attrs": {}, "trials": [
+            {"number": i, "state": "COMPLETE", "value": float(i), "params": p, "intermediate": {},
+             "distributions": distributions, "user_attrs": {}} for i, p in enumerate(params)]}
+
+    by_method = export("bymethod", {"method": method, "lr_scale": scale},
+                       [{"method": m, "lr_scale": s} for m in ("lora", "neo") for s in (0.3, 1.0, 3.0)])
+    numeric = export("numeric", {"rank": rank, "lr_scale": scale},
+                     [{"rank": r, "lr_scale": s} for r in (4, 16) for s in (0.3, 1.0, 3.0)])
+    assert not any("contour" in p.name for p in render(by_method, tmp_path))
+    assert (tmp_path / "numeric_contour.png") in render(numeric, tmp_path)

@@ -345,3 +345,32 @@ def test_the_tuned_protocol_takes_each_methods_best_validation_rate_and_never_mi
     readme = (tmp_path / "board" / "README.md").read_text()
     assert readme.index("## Paper protocol") < readme.index("## Tuned protocol")
     assert "### Learning-rate search (validation split)" in readme
+
+
+def test_the_variants_study_tunes_each_adapter_variant_for_the_tuned_variants_table(paired_matrix, tmp_path):
+    from neobench.results import load_per_doc
+
+    n = 0
+    for method, variant in [("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora")]:  # tune-lr: every method best at 1
+        for scale, shift in ((1.0, 0.6), (3.16, 0.8)):
+            make_run(paired_matrix, method, variant, 0, shift, stamp=f"t{n}", lr_scale=scale, study="tune-lr", trial=n)
+            n += 1
+    for variant, best in (("pissa", 1.0), ("dora", 3.16)):  # tune-lr-variants: the same two multiples per variant
+        for scale in (1.0, 3.16):
+            make_run(paired_matrix, "neo", variant, 0, 0.3 if scale == best else 0.5, stamp=f"v{n}", lr_scale=scale,
+                     study="tune-lr-variants", trial=n)
+            n += 1
+    pissa = make_run(paired_matrix, "neo", "pissa", 0, 0.0, stamp="paper", per_doc=noisy("neo", 0, extra=-0.02))
+    dora_paper = make_run(paired_matrix, "neo", "dora", 0, 0.0, stamp="paper", per_doc=noisy("neo", 0, extra=0.03))
+    dora_tuned = make_run(paired_matrix, "neo", "dora", 0, 0.0, stamp="tuned", lr_scale=3.16, per_doc=noisy("neo", 0, extra=-0.04))
+    report = render(load_results(paired_matrix), "p", tmp_path / "board", per_doc=load_per_doc(paired_matrix))
+    paper, tuned = report.sections
+    assert tuned.protocol.lr_scales == {"sft": 1.0, "lora": 1.0, "kd": 1.0, "neo": 1.0, "neo+pissa": 1.0, "neo+dora": 3.16}
+    used = lambda section, label: set(section.selection.students.loc[section.selection.students["label"] == label, "run_id"])
+    assert used(tuned, "neo+dora") == {dora_tuned} and used(paper, "neo+dora") == {dora_paper}
+    assert used(tuned, "neo+pissa") == used(paper, "neo+pissa") == {pissa}  # at its paper rate: one run serves both
+    assert {"neo+dora", "neo+pissa"} <= set(report.table("variants_tuned").display["model"])
+    tuning = report.table("tuning")
+    assert tuning.display.set_index("model").loc["neo+dora", "×3.16"] == "**4.000**"  # NLL 3.7 + shift
+    assert ("`neobench ablate tune-lr` (ablations/tune-lr.yaml) and `neobench ablate tune-lr-variants` "
+            "(ablations/tune-lr-variants.yaml)") in tuning.notes[0]
