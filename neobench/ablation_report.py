@@ -19,14 +19,34 @@ from neobench.ablation import fmt, quiet_optuna
 
 
 
-def export_trials(study) -> dict:
-    """The study and its trials as plain JSON (what the committed tables and plots are made from)."""
+def objective_per_doc(run_ids: list[str], per_doc, task: str, metric: str) -> Optional[dict]:
+    """{"docs": [hash, ...], "values": [[per doc] per run]} of a trial's objective, from the per-document
+    scores of its runs (neobench.results.load_per_doc); None unless every run has them on the same documents."""
+    values, docs = [], None
+    for run_id in run_ids:
+        mine = per_doc[(per_doc["run_id"] == run_id) & (per_doc["task"] == task) & (per_doc["metric"] == metric)]
+        if mine.empty or (docs is not None and list(mine["doc"]) != docs):
+            return None
+        docs = list(mine["doc"])
+        values.append([float(v) for v in mine["value"]])
+    return {"docs": docs, "values": values} if docs else None
+
+
+def export_trials(study, per_doc=None) -> dict:
+    """The study and its trials as plain JSON (what the committed tables and plots are made from).
+
+    ``per_doc`` (the trials' runs' per-document scores) adds each finished trial's per-document
+    objective, so the table can compare every trial with the best on the same documents."""
     from optuna.distributions import distribution_to_json
 
+    task, _, metric = str(study.user_attrs.get("objective", "")).partition("/")
     trials = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):
             continue
+        scores = None
+        if per_doc is not None and t.state.name == "COMPLETE":
+            scores = objective_per_doc(t.user_attrs.get("run_ids", []), per_doc, task, metric)
         trials.append({
             "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
             "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
@@ -34,6 +54,7 @@ def export_trials(study) -> dict:
             "user_attrs": {k: v for k, v in sorted(t.user_attrs.items()) if k != "worker"},
             "retry_of": t.system_attrs.get("failed_trial"),
             "duration_seconds": t.duration.total_seconds() if t.duration else None,
+            **({"per_doc": scores} if scores else {}),
         })
     return {"study": study.study_name, "direction": study.direction.name.lower(),
             "attrs": dict(sorted(study.user_attrs.items())), "trials": trials}
@@ -145,7 +166,10 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
         best = complete[0]
         lines += ["## Best", "", f"Trial {best['number']}: " + ", ".join(f"**{k} = {fmt(v)}**" for k, v in best["params"].items())
                   + f" -> {objective} {best['value']:.4f}" + (f" ± {best['user_attrs']['stderr']:.4f}" if best["user_attrs"].get("stderr") is not None else ""), ""]
-    header = ["#", "trial", *params, f"{objective} {'↓' if direction == 'minimize' else '↑'}", "± stderr", "train s", "peak GiB", "trainable", "run"]
+    paired = paired_with_best(complete)
+    paired_header = ["Δ vs best [95% CI]", "p (Holm)"] if paired else []
+    header = ["#", "trial", *params, f"{objective} {'↓' if direction == 'minimize' else '↑'}", "± stderr", *paired_header,
+              "train s", "peak GiB", "trainable", "run"]
     lines += ["## Trials, best first", "", "| " + " | ".join(header) + " |", "|" + "|".join(["--:"] * len(header)) + "|"]
     for rank, t in enumerate(complete + [t for t in others if t["state"] == "PRUNED"], 1):
         ua = t["user_attrs"]
@@ -157,6 +181,7 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
         cells = [
             str(rank) if t["state"] == "COMPLETE" else "–", str(t["number"]), *(fmt(t["params"].get(p, "")) for p in params), value,
             f"{ua['stderr']:.4f}" if ua.get("stderr") is not None else "–",
+            *((paired.get(t["number"], ("—" if t is complete[0] else "–", "")) if paired else ())),
             f"{ua['train_seconds']:.1f}" if ua.get("train_seconds") else "–",
             f"{ua['peak_memory_bytes'] / 2**30:.2f}" if ua.get("peak_memory_bytes") else "–",
             f"{ua['trainable_params'] / 1e6:.3g}M" if ua.get("trainable_params") else "–",
@@ -164,6 +189,11 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if paired:
+        lines += [f"Δ vs best: each trial's {objective} minus the best trial's, on the same documents (the mean "
+                  "paired difference, [95% paired-bootstrap interval] resampling documents, and seeds where there "
+                  "are several); p (Holm): its two-sided bootstrap p-value after Holm's correction over the "
+                  f"{len(paired)} comparisons; * where < 0.05. Without *, this study cannot tell that trial from the best.", ""]
     failed = [t for t in others if t["state"] == "FAIL"]
     if failed:
         lines += [f"Failed and re-queued: trial(s) {', '.join(str(t['number']) for t in failed)}.", ""]
@@ -176,16 +206,38 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
     return "\n".join(lines)
 
 
+def paired_with_best(complete: list[dict]) -> dict[int, tuple[str, str]]:
+    """trial number -> ("Δ [low, high]*", Holm p) against the best trial (complete[0]), for every
+    finished trial whose per-document objective was exported on the best trial's documents."""
+    import numpy as np
+
+    from neobench.paired import compare, holm, significance_mark
+    from neobench.report import fmt_p
+
+    best = complete[0].get("per_doc") if complete else None
+    if not best:
+        return {}
+    comparisons = {t["number"]: compare(np.array(t["per_doc"]["values"]), np.array(best["values"]))
+                   for t in complete[1:] if t.get("per_doc") and t["per_doc"]["docs"] == best["docs"]}
+    adjusted = holm([c.p for c in comparisons.values()])
+    return {number: (f"{c.delta:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{significance_mark(p)}", fmt_p(p))
+            for (number, c), p in zip(comparisons.items(), adjusted)}
+
+
 def write_export(exported: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(exported, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None) -> list[Path]:
-    """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json."""
+def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None, runs_dir: Optional[Path] = None) -> list[Path]:
+    """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json, with the
+    per-document objective of each trial whose runs are under ``runs_dir``."""
     import optuna
 
+    from neobench.results import load_per_doc
+
     quiet_optuna()
+    per_doc = load_per_doc(runs_dir) if runs_dir is not None and Path(runs_dir).is_dir() else None
     written = []
     for summary in optuna.get_all_study_summaries(storage=storage_url):
         if only and summary.study_name != only:
@@ -195,7 +247,7 @@ def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = N
         if not preset:
             continue  # not made by neobench ablate
         path = leaderboards / Path(preset).stem / "ablations" / f"{summary.study_name}.trials.json"
-        write_export(export_trials(study), path)
+        write_export(export_trials(study, per_doc), path)
         written.append(path)
     return written
 

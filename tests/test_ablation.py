@@ -480,3 +480,33 @@ def test_a_contour_is_drawn_over_numeric_parameters_only(tmp_path):
                      [{"rank": r, "lr_scale": s} for r in (4, 16) for s in (0.3, 1.0, 3.0)])
     assert not any("contour" in p.name for p in render(by_method, tmp_path))
     assert (tmp_path / "numeric_contour.png") in render(numeric, tmp_path)
+
+
+def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
+    from neobench.ablation_report import objective_per_doc, render
+    from neobench.results import tidy_per_doc
+
+    # Per-document scores of the trials' runs, as load_per_doc reads them; trial 2 has two seeds.
+    rows = [{"preset": "p", "run_id": run, "task": "t", "metric": "nll", "doc": f"d{i}", "value": v}
+            for run, values in {"best": [1, 2, 3, 4], "worse": [2, 3, 4, 5], "same-a": [1, 2, 3, 4], "same-b": [1, 2, 3, 4],
+                                "elsewhere": [9, 9, 9]}.items() for i, v in enumerate(values)]
+    per_doc = tidy_per_doc(rows)
+    assert objective_per_doc(["worse"], per_doc, "t", "nll") == {"docs": ["d0", "d1", "d2", "d3"], "values": [[2, 3, 4, 5]]}
+    assert objective_per_doc(["best", "elsewhere"], per_doc, "t", "nll") is None, "runs on other documents cannot be paired"
+    assert objective_per_doc(["best"], per_doc, "t", "acc") is None
+
+    rank = {"name": "IntDistribution", "attributes": {"low": 1, "high": 64, "log": True, "step": 1}}
+    trials = [(0, 2.5, ["best"], 8), (1, 3.5, ["worse"], 4), (2, 2.5, ["same-a", "same-b"], 16), (3, 3.0, ["elsewhere"], 2)]
+    exported = {"study": "s", "direction": "minimize", "attrs": {"objective": "t/nll"}, "trials": [
+        {"number": n, "state": "COMPLETE", "value": v, "params": {"rank": r}, "intermediate": {}, "distributions": {"rank": rank},
+         "user_attrs": {"run_ids": runs}, **({"per_doc": objective_per_doc(runs, per_doc, "t", "nll")} if n != 3 else {})}
+        for n, v, runs, r in trials]}
+    render(exported, tmp_path)
+    table = {int(cells[1]): cells for cells in (l.strip("| ").split(" | ") for l in (tmp_path / "s.md").read_text().splitlines()
+                                                if l.startswith("| ") and l[2].isdigit())}
+    assert table[0][5:7] == ["—", ""]  # the best itself
+    # +1 on every document: every resample gives +1, so p = 1/10001, times 2 comparisons (Holm)
+    assert table[1][5:7] == ["+1.0000 [+1.0000, +1.0000]*", "<0.001"]
+    assert table[2][5:7] == ["+0.0000 [+0.0000, +0.0000]", "1"]  # the same scores on both seeds: Δ 0, p 1
+    assert table[3][5:7] == ["–", ""]  # nothing exported to pair with
+    assert "Without *, this study cannot tell that trial from the best." in (tmp_path / "s.md").read_text()
