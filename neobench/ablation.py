@@ -861,7 +861,8 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: t
 
     url = storage or default_storage(runs_dir)
     hint = f"run `neobench ablate {study_names[0]} --runs-dir {runs_dir}` first"
-    needs = f"the tuned protocol needs the {' or '.join(repr(n) for n in study_names)} study"
+    needs = f"the tuned protocol needs the {study_names[0]!r} study" + (
+        f" (and {', '.join(repr(n) for n in study_names[1:])} for adapter variants)" if len(study_names) > 1 else "")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise NeobenchError(f"{needs}, and {url} does not exist; {hint}")
     rows, directions = [], set()

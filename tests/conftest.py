@@ -99,13 +99,18 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def tiny_cfg(tiny, tmp_path):
-    """A RunConfig on the tiny models, with a budget of a few seconds."""
+    """A RunConfig on the tiny models, with a budget of a few seconds.
+
+    fp32 on every CPU: `auto` would pick bf16 where it is native (AVX-512 BF16, AMX), and the tests
+    built on this config state fp32 exactness (accumulation, processes, exports); bf16 has tests of
+    its own that ask for it."""
     from neobench.config import RunConfig
 
     return RunConfig(
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
         seq_len=64, batch_size=4, grad_accum=1, max_steps=3, lr=1e-3, rank=4, runs_dir=str(tmp_path / "runs"),
         eval_tasks="none", eval_data=str(tiny["data"]), eval_split="train", eval_limit=6, eval_batch_size=4,
+        dtype="float32",
     )
 
 

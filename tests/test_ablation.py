@@ -443,7 +443,7 @@ def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(
             s.add_trial(optuna.trial.create_trial(params=params, distributions={**space, "lr_scale": scale}, value=value))
 
     base = dataclasses.replace(load_preset("smol-cpu"), runs_dir=str(runs))
-    with pytest.raises(NeobenchError, match="needs the 'tune-lr' or 'tune-lr-variants' study, and .* does not exist"):
+    with pytest.raises(NeobenchError, match=r"needs the 'tune-lr' study \(and 'tune-lr-variants' for adapter variants\), and .* does not exist"):
         tuned_lr_scales(str(runs))
     methods = optuna.distributions.CategoricalDistribution(["lora", "neo"])
     study("tune-lr", {}, {"method": methods},

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.embedded]
 
 
 def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path, cli):
+    # fp32 on every CPU (auto is bf16 where it is native): the exported student is compared in fp32 below
     code, stderr = cli("run", "--variant", "dora", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
-                       "--limit", "4", "--runs-dir", str(tmp_path / "runs"))  # the run itself trains in a child process
+                       "--limit", "4", "--dtype", "float32", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0, stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())

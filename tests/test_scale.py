@@ -23,7 +23,7 @@ def tiny_config(tiny, tmp_path, **changes) -> RunConfig:
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
         seq_len=64, batch_size=2, grad_accum=4, max_steps=3, lr=1e-2, rank=4, runs_dir=str(tmp_path / "runs"),
         eval_tasks="none", eval_data=str(tiny["data"]), eval_split="train", eval_limit=6, eval_batch_size=4,
-        max_grad_norm=0.0, warmup_ratio=0.0,
+        max_grad_norm=0.0, warmup_ratio=0.0, dtype="float32",  # fp32 on every CPU: the bounds below are fp32's
     )
     return dataclasses.replace(base, **changes)
 

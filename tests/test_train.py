@@ -24,7 +24,7 @@ def workspace(tiny, tmp_path_factory):
     cfg = RunConfig(
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
         seq_len=64, batch_size=4, max_examples=4, max_steps=6, lr=3e-3, adapter_lr=1e-2, rank=4,
-        runs_dir=str(tmp_path_factory.mktemp("runs")),
+        runs_dir=str(tmp_path_factory.mktemp("runs")), dtype="float32",  # fp32 on every CPU: the bounds below are fp32's
     )
     return cfg, prepare(cfg)
 
