@@ -82,7 +82,7 @@ leaderboard: $(STAMP)
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
-# (8 trials each, about 25 minutes per study on 2 CPU cores), scored on the validation split.
+# (8 trials each, about 17 minutes per study on 2 CPU cores in fp32), scored on the validation split.
 # In fp32 on every machine, like the committed leaderboard: --dtype auto would pick bf16 on a CPU
 # with AVX-512 BF16, and kd_ratio's neighbouring points differ by a few thousandths of a nat,
 # about as much as bf16 rounding moves one run.
