@@ -354,10 +354,12 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     for cfg in cfgs:
         label = label_of(cfg.method, cfg.effective_variant(), None)
         if label not in scales:
+            study = study_for(label, TUNING_STUDIES)
+            how = (f"run `neobench ablate {study}` to finish it" if study else
+                   "no shipped study searches it: copy ablations/tune-lr-variants.yaml with its method, and run that")
             raise NeobenchError(
                 f"no tuning study has finished its search for {label} (they have chosen for: "
-                f"{', '.join(sorted(scales)) or 'none yet'}); run `neobench ablate {study_for(label, TUNING_STUDIES)}` "
-                f"to finish it"
+                f"{', '.join(sorted(scales)) or 'none yet'}); {how}"
             )
         if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
             tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
@@ -367,9 +369,12 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     return tuned
 
 
-def study_for(label: str, studies: tuple[str, ...]) -> str:
-    """The tuning study that tunes ``label``: the methods' own, or the adapter variants' (neo+dora, ...)."""
-    return studies[1] if "+" in label else studies[0]
+def study_for(label: str, studies: tuple[str, ...]) -> Optional[str]:
+    """The shipped tuning study that tunes ``label``: the methods' own, LLM-Neo's adapter variants'
+    (neo+dora, ...), or none (lora+dora and the like are not searched)."""
+    if "+" not in label:
+        return studies[0]
+    return studies[1] if label.startswith("neo+") else None
 
 
 @app.command()

@@ -510,3 +510,5 @@ def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
     assert table[2][5:7] == ["+0.0000 [+0.0000, +0.0000]", "1"]  # the same scores on both seeds: Δ 0, p 1
     assert table[3][5:7] == ["–", ""]  # nothing exported to pair with
     assert "Without *, this study cannot tell that trial from the best." in (tmp_path / "s.md").read_text()
+    with pytest.raises(NeobenchError, match=r"lora\+dora .*no shipped study searches it"):
+        tuned_configs([dataclasses.replace(base, method="lora", variant="dora")], {})
