@@ -451,6 +451,8 @@ def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(
     assert tuned_lr_scales(str(runs)) == {"lora": 10.0, "neo": 1.0}
     with pytest.raises(NeobenchError, match=r"neo\+dora .*run `neobench ablate tune-lr-variants`"):
         tuned_configs([dataclasses.replace(base, method="neo", variant="dora")], {})
+    with pytest.raises(NeobenchError, match=r"lora\+dora .*no shipped study searches it"):
+        tuned_configs([dataclasses.replace(base, method="lora", variant="dora")], {})
 
     variants = optuna.distributions.CategoricalDistribution(["dora", "pissa"])
     study(TUNING_STUDIES[1], {"method": "neo"}, {"variant": variants},
@@ -510,5 +512,3 @@ def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
     assert table[2][5:7] == ["+0.0000 [+0.0000, +0.0000]", "1"]  # the same scores on both seeds: Δ 0, p 1
     assert table[3][5:7] == ["–", ""]  # nothing exported to pair with
     assert "Without *, this study cannot tell that trial from the best." in (tmp_path / "s.md").read_text()
-    with pytest.raises(NeobenchError, match=r"lora\+dora .*no shipped study searches it"):
-        tuned_configs([dataclasses.replace(base, method="lora", variant="dora")], {})
