@@ -769,8 +769,9 @@ def run_study(
     else:
         cmd = [sys.executable, "-m", "neobench.cli", "ablate", spec.source, "--trials", str(n_trials),
                "--storage", storage_url, "--study-name", study_name, "--runs-dir", runs_dir]
-        if "dtype" in dict(spec.fixed):  # from the file or --dtype: passing it again is the same study
-            cmd += ["--dtype", str(dict(spec.fixed)["dtype"])]
+        dtype = dict(spec.fixed).get("dtype")
+        if dtype is not None:  # from the file or --dtype: passing it again is the same study
+            cmd += ["--dtype", str(dtype)]
         children = [subprocess.Popen([*cmd, "--worker", str(i + 1)]) for i in range(workers)]
         try:
             codes = [c.wait() for c in children]

@@ -229,15 +229,12 @@ def write_export(exported: dict, path: Path) -> None:
     path.write_text(json.dumps(exported, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None, runs_dir: Optional[Path] = None) -> list[Path]:
+def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None, per_doc=None) -> list[Path]:
     """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json, with the
-    per-document objective of each trial whose runs are under ``runs_dir``."""
+    per-document objective of each trial whose runs are in ``per_doc`` (neobench.results.load_per_doc)."""
     import optuna
 
-    from neobench.results import load_per_doc
-
     quiet_optuna()
-    per_doc = load_per_doc(runs_dir) if runs_dir is not None and Path(runs_dir).is_dir() else None
     written = []
     for summary in optuna.get_all_study_summaries(storage=storage_url):
         if only and summary.study_name != only:

@@ -424,7 +424,10 @@ def ablate(
     if report_:
         import json
 
-        for path in export_studies(storage_url, out, only=the_study.study_name, runs_dir=Path(runs_dir or spec.base_config().runs_dir)):
+        from neobench.results import load_per_doc
+
+        per_doc = load_per_doc(runs_dir or spec.base_config().runs_dir)
+        for path in export_studies(storage_url, out, only=the_study.study_name, per_doc=per_doc):
             for file in render(json.loads(path.read_text()), path.parent):
                 console.print(f"  {file}", highlight=False)
 
@@ -506,7 +509,7 @@ def report(
         for line in left_out_lines(result.left_out, markdown=False):
             console.print(f"  left out {line}", highlight=False, markup=False)
     if (runs / STORAGE_FILE).is_file():  # studies run with the default storage beside these runs
-        export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out, runs_dir=runs)
+        export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out, per_doc=fresh_per_doc)
     ablation_files = render_all(out, preset)
     if ablation_files:
         n = sum(f.suffix == ".md" for f in ablation_files)
