@@ -104,8 +104,7 @@ def run(
     After training, the student, the teacher and the untrained student are
     scored on --tasks (reference scores are cached).
     """
-    from neobench.config import apply_overrides, load_preset
-    from neobench.experiment import execute, execute_many, matrix_scores, plan, summary_table
+    from neobench.stopping import STOP
 
     flags = {
         "loss": loss, "teacher": teacher, "student": student, "train_data": train_data, "train_split": train_split,
@@ -121,20 +120,32 @@ def run(
         "save_weights": save_weights, "log_to": log_to, "eval_data": eval_data, "eval_split": eval_split,
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
-    from neobench.distributed import close, launched_world
-    from neobench.experiment import ChildDiverged
-    from neobench.runs import new_run_id
-
     given = {k: v for k, v in flags.items() if v is not None}
+    with STOP.watching("setup"):  # from here on a signal takes the one stop path (neobench.stopping)
+        run_command(given, (method, variant, seeds, preset), protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial)
+
+
+def run_command(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc: int, resume: Optional[str],
+                runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str]) -> None:
+    """`neobench run` once its flags are parsed: a resumed run, a run process's one run, or the plan."""
+    from neobench.config import apply_overrides, load_preset
+    from neobench.distributed import close, launched_world
+    from neobench.experiment import ChildDiverged, execute, execute_many, matrix_scores, plan, summary_table
+    from neobench.stopping import STOPPED_EXIT, Stopped
+    from neobench.train import Diverged
+
+    method, variant, seeds, preset = choices
     under_torchrun = launched_world().distributed
     if nproc > 1 and under_torchrun:
         raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
     if resume is not None:
-        resume_run(resume, runs_dir or "runs", given, (method, variant, seeds, preset), nproc)
-        return
-    base = apply_overrides(load_preset(preset), given, "command-line flags")
-    world = launched_world()
+        base, world = None, launched_world()
+    else:
+        base, world = apply_overrides(load_preset(preset), given, "command-line flags"), launched_world()
     try:
+        if resume is not None:
+            resume_run(resume, runs_dir or "runs", given, choices, nproc)
+            return
         if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
             run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
@@ -154,14 +165,23 @@ def run(
             results = [r for cfg in cfgs if (r := execute(cfg))]
         elif len(cfgs) == 1 and nproc == 1:
             # One run: this process is fresh, so it trains here (a child would cost its start-up again).
-            single_id = new_run_id(cfgs[0])
-            results = [interrupted_exits(lambda: execute(cfgs[0], run_id=single_id), cfgs[0], single_id)]
+            results = [execute(cfgs[0])]
         else:  # several runs: each in its own process, so each peak memory is its own
             results = execute_many(cfgs, nproc)
-    except KeyboardInterrupt:
+    except Stopped as stop:  # at a safe point; the line says what was kept
+        if world.main:
+            console.print(str(stop), highlight=False)
+        raise typer.Exit(STOPPED_EXIT) from None
+    except KeyboardInterrupt:  # a second signal: stopped at once
         if run_id is None and world.main:  # the parent speaks for both
-            console.print(f"interrupted; finished runs stay in {base.runs_dir}/")
-        raise typer.Exit(130) from None
+            where = base.runs_dir if base is not None else runs_dir or "runs"
+            console.print(f"interrupted; finished runs stay in {where}/", highlight=False)
+        raise typer.Exit(STOPPED_EXIT) from None
+    except Diverged as err:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(DIVERGED_EXIT) from None
     except ChildDiverged as stop:
         if stop.finished:
             console.print(f"the {stop.finished} runs finished before it stay in {base.runs_dir}/", highlight=False)
@@ -182,7 +202,7 @@ def run(
 def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int) -> None:
     """`neobench run --resume RUN_ID`: continue an unfinished run as it was configured."""
     from neobench.config import load_preset, validate
-    from neobench.distributed import close, launched_world
+    from neobench.distributed import launched_world
     from neobench.experiment import execute, run_in_child, summary_table
     from neobench.runs import unfinished_run
 
@@ -200,44 +220,17 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int)
         if code != 0:
             raise typer.Exit(code)
         return
-    try:
-        metrics = interrupted_exits(lambda: execute(cfg, run_id=run_id, resume=True), cfg, run_id)
-    finally:
-        close(world)
+    metrics = execute(cfg, run_id=run_id, resume=True)
     if world.main:
         console.print(summary_table([metrics]))
         console.print(f"  {metrics['run_dir']} (resumed from step {metrics['resumed_from_step']})", highlight=False)
-
-
-def interrupted_exits(work, cfg, run_id: str):
-    """Run ``work``; a stop signal ends the process with one line saying whether and how it can resume."""
-    from neobench.train import Diverged, Interrupted
-
-    try:
-        return work()
-    except Interrupted as stop:
-        if stop.checkpoint is not None:
-            console.print(
-                f"stopped after step {stop.step}; checkpoint in {stop.checkpoint}; continue with "
-                f"`neobench run --resume {run_id} --runs-dir {cfg.runs_dir}`", highlight=False, soft_wrap=True,
-            )
-        else:
-            console.print(f"stopped after step {stop.step}; the unfinished run was discarded (no --save-every)", highlight=False)
-        raise typer.Exit(130) from None
-    except Diverged as err:
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(DIVERGED_EXIT) from None
-
-
 
 
 def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
     from neobench.experiment import execute
 
     if optuna_trial is None:
-        interrupted_exits(lambda: execute(cfg, run_id=run_id), cfg, run_id)
+        execute(cfg, run_id=run_id)
         return
     import json
 
@@ -246,7 +239,7 @@ def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
     from neobench.ablation import PRUNED_EXIT, trial_reporter
 
     try:
-        interrupted_exits(lambda: execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial))), cfg, run_id)
+        execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial)))
     except optuna.TrialPruned as pruned:
         console.print(f"trial {cfg.trial}: {pruned}; its run was discarded", highlight=False)
         raise typer.Exit(PRUNED_EXIT) from None

@@ -27,6 +27,7 @@ from neobench.errors import DIVERGED_EXIT, NeobenchError
 from neobench.methods import DEFAULT_MATRIX, METHODS
 from neobench.progress import console
 from neobench.runs import RunWriter, new_run_id, read_run, versions
+from neobench.stopping import STOP, STOPPED_EXIT, Interrupted, Stopped, signal_point, stopped_after_training, stopped_in_training
 
 
 def plan(base: RunConfig, method: Optional[str], variant: Optional[str], seeds: int = 1) -> list[RunConfig]:
@@ -69,6 +70,7 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
     started = time.perf_counter()
     spec = EvalSpec.from_config(cfg)
     ws = prepare(cfg, need_teacher=method.uses_teacher or FIDELITY in spec.tasks)
+    signal_point("setup")  # a stop requested from here on is acted on at the first step (neobench.stopping)
     world = ws.world
     if world.main:
         console.print(f"[dim]{ws.data.report.summary()}[/dim]", highlight=False)
@@ -123,11 +125,16 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
                 # Kept (not a result: a dot-directory) so the log and any checkpoint can be inspected.
                 writer.write_json(FAILURE_FILE, {"reason": "diverged", "message": str(err)})
                 raise
+            except Interrupted as stop:  # the writer keeps the run only if it has a checkpoint
+                resume_command = f"neobench run --resume {run_id} --runs-dir {cfg.runs_dir}"
+                raise stopped_in_training(stop.step, stop.checkpoint, resume_command) from None
             finally:
                 if board is not None:
                     board.close()  # before the run directory is renamed into place
+        STOP.phase = "writing"  # a stop requested now lets the run finish writing, then skips its scoring
         if cfg.save_weights:
             writer.write_tensors(WEIGHTS_FILE, trained.weights)
+        signal_point("final-write")
         metrics = {
             "run_id": run_id, "preset": cfg.preset, "method": cfg.method, "variant": cfg.effective_variant(),
             "seed": cfg.seed, "loss": ("reverse_kl" if method.on_policy else cfg.loss) if method.uses_teacher else None,
@@ -139,8 +146,16 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
         return {}
     run_dir = Path(cfg.runs_dir) / run_id
     metrics["run_dir"] = str(run_dir)
+    if STOP.requested:
+        raise stopped_after_training(run_dir, scored_later=taskset is not None)
     if taskset is not None:
-        evaluate_student(cfg, ws, trained.student, run_dir, taskset)
+        try:
+            with STOP.in_phase("evaluation"):  # a stop signal ends scoring at once: the run is complete
+                evaluate_student(cfg, ws, trained.student, run_dir, taskset)
+        except KeyboardInterrupt:
+            if not STOP.requested:
+                raise
+            raise stopped_after_training(run_dir, scored_later=True) from None
     return metrics
 
 
@@ -182,6 +197,7 @@ def evaluate_student(cfg: RunConfig, ws, student, run_dir: Path, taskset) -> dic
     console.print(f"evaluating {run_label(cfg)} on {', '.join(spec.tasks)} (limit {spec.limit or 'none'})", highlight=False)
     # Scored in the run's dtype: a bf16 run's student is evaluated with bf16 weights, like its references.
     evaluations = [evaluate(merged_copy(student, ws.dtype), ws.tokenizer, taskset, teacher=teacher, vocab_size=ws.vocab_size, role="student")]
+    signal_point("evaluation")
     for role, path in (("teacher", ws.teacher_path), ("untrained_student", ws.student_path)):
         result = model_evaluation(
             role, path, taskset, ws.device, ws.dtype, model=teacher if role == "teacher" else None,
@@ -226,18 +242,24 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
         load_tasks(spec, ws.student_path)
     results = []
     for i, cfg in enumerate(cfgs, 1):
+        if STOP.requested:
+            raise Stopped(f"stopped before run {i}/{len(cfgs)}; {finished_runs(results, cfg.runs_dir)}")
         if len(cfgs) > 1:
             console.rule(f"[bold]run {i}/{len(cfgs)}: {run_label(cfg)} seed {cfg.seed}")
         run_id = new_run_id(cfg)
         code = run_in_child(cfg, run_id, nproc=nproc)
-        if code == 130:
-            raise KeyboardInterrupt
+        if code in (STOPPED_EXIT, -signal.SIGINT, -signal.SIGTERM):  # the run process said what it kept
+            raise Stopped(f"stopped at run {i}/{len(cfgs)}; {finished_runs(results, cfg.runs_dir)}")
         if code == DIVERGED_EXIT:  # the run said why, in one line; say nothing more for one run
             raise ChildDiverged(len(results))
         if code != 0:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
     return results
+
+
+def finished_runs(results: list, runs_dir: str) -> str:
+    return f"the {len(results)} runs finished before it stay in {runs_dir}/" if results else "no run had finished"
 
 
 def run_in_child(
@@ -256,12 +278,16 @@ def run_in_child(
     what = ("--preset", f.name, "--run-id", run_id) if resolved else ()
     child = subprocess.Popen([*launcher, "run", *what, *extra_args])
     try:
-        return child.wait()
+        # Under `neobench run` the stop handler passes any signal on to the child, which stops at
+        # its next safe point and says what it kept (neobench.stopping); this process waits for it.
+        with STOP.in_phase("runs"), STOP.forwarding_to(child):
+            return child.wait()
     except KeyboardInterrupt:
-        # A terminal's Ctrl-C reached the child too; a signal sent to this process alone did not.
-        # The child stops after its current step (checkpointing if it keeps checkpoints): wait for
-        # it; a second Ctrl-C here stops it at once.
-        child.send_signal(signal.SIGINT)
+        # Without that handler (`neobench ablate`), or a second signal: a terminal's Ctrl-C reached
+        # the child too, a signal sent to this process alone did not. Wait for the child; a further
+        # Ctrl-C here stops it at once.
+        if not STOP.watched:  # the handler has passed it on already
+            child.send_signal(signal.SIGINT)
         try:
             child.wait()
         except KeyboardInterrupt:

@@ -6,8 +6,24 @@ from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
-console = Console(stderr=True)
+
+class MessageConsole(Console):
+    """A rich console whose messages stay one line outside a terminal.
+
+    In a log (CI, nohup, `2> file`) rich would hard-wrap a message at 80 columns, and a one-line
+    message (an error, a path) could no longer be grepped whole. Messages (strings, Text) are
+    soft-wrapped there: written as they are. Tables and other renderables keep their layout.
+    """
+
+    def print(self, *objects, soft_wrap=None, **kwargs):
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, (str, Text)) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = MessageConsole(stderr=True)
 
 
 class CountProgress:

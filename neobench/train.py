@@ -29,6 +29,7 @@ from neobench.distributed import World
 from neobench.precision import autocast, dtype_name, pick_dtype
 from neobench.prune import parse_pruned_spec, pruned_student_dir
 from neobench.registry import Registry
+from neobench.stopping import STOP, Interrupted, injected_fault, signal_point
 
 
 @dataclass
@@ -250,14 +251,6 @@ class Diverged(NeobenchError):
     """A non-finite loss or gradient norm: the run stops at that step and stores no result."""
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; the run stopped after a step (and saved a checkpoint if it keeps them)."""
-
-    def __init__(self, step: int, checkpoint: Optional[Path]):
-        super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
-
-
 def divergence_message(cfg: RunConfig, step: int, loss: float, norm: float, last_finite: Optional[tuple[int, float]]) -> str:
     from neobench.experiment import run_label
 
@@ -269,48 +262,6 @@ def divergence_message(cfg: RunConfig, step: int, loss: float, norm: float, last
         if cfg.loss == "reverse_kl" or METHODS.get(cfg.method).on_policy else "lower the learning rate or check the data"
     )
     return f"{run_label(cfg)} seed {cfg.seed} diverged at step {step}: {what}; {before}; no result stored ({hint})"
-
-
-class StopSignals:
-    """SIGTERM/SIGINT set a flag that the loop reads after each step; a second signal stops at once.
-
-    A signal within 2 s of the first is the same request arriving twice (a terminal's Ctrl-C
-    reaches both `neobench run` and the run's process, and the first forwards it), not a second one.
-    """
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._at = 0.0
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopSignals":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self.received is not None:
-            if time.monotonic() - self._at > 2.0:
-                raise KeyboardInterrupt
-            return
-        self.received, self._at = signum, time.monotonic()
-        if signum == signal.SIGINT:
-            from neobench.progress import console
-
-            console.print("stopping after this step (Ctrl-C again to stop now)", highlight=False)
-
-    def __exit__(self, *exc) -> bool:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False
 
 
 WEIGHTS_FILE = "trained_weights.safetensors"
@@ -341,28 +292,21 @@ def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.n
     return student.eval()
 
 
-FAULT_VARIABLE = "NEOBENCH_INJECT_FAULT"
-
-
-def injected_fault(kind: str, step: int) -> bool:
-    """Fault injection for the resume and divergence tests: NEOBENCH_INJECT_FAULT=kill-after-step:N
-    SIGKILLs the process after step N (and its checkpoint); nan-at-step:N makes step N's loss NaN."""
-    value = os.environ.get(FAULT_VARIABLE, "")
-    if value != f"{kind}:{step}":
-        return False
-    if kind == "kill-after-step":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
-
-
 # foreach: PyTorch's multi-tensor kernels, which it picks by default on CUDA only; on a CPU they
 # made an AdamW step over 320M parameters 1.35x faster (3.4x for the first, which allocates the state).
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.add("adamw", lambda params, cfg: torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True))
 # Plain SGD: what the 1-vs-N-process tests compare (AdamW's normalisation amplifies reduction-order noise).
 OPTIMIZERS.add("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True))
+
+
+def stop_requested(world: World, device: str) -> bool:
+    """Whether any rank got a stop signal: every rank must leave the loop at the same step."""
+    if not world.distributed:
+        return STOP.requested
+    from neobench.distributed import all_sum
+
+    return bool(all_sum([1.0 if STOP.requested else 0.0], world, device)[0])
 
 
 @dataclass
@@ -386,7 +330,8 @@ def train(
     the student between steps (an ablation's intermediate held-out NLL) or raise to stop the run.
     ``run_tmp`` is the unfinished run's directory, where checkpoints go (``cfg.save_every``, and on
     SIGTERM/SIGINT); ``resume`` a checkpoint to continue from. Raises :class:`Diverged` on a
-    non-finite loss or gradient norm, :class:`Interrupted` after a stop signal.
+    non-finite loss or gradient norm, and :class:`neobench.stopping.Interrupted` at the start of
+    the first step after a stop signal (see neobench.stopping).
     """
     from neobench import checkpoint as ckpt
     from neobench.distributed import all_gather_int, all_sum, full_state, grad_norm, sync_gradients, wrap_student
@@ -433,9 +378,16 @@ def train(
     stopped_by = "max_steps" if cfg.max_steps else "epoch"
     last_finite: Optional[tuple[int, float]] = None
     memory = PeakMemory(ws.device)
-    with memory, StopSignals() as signals:
+    saved_step = first_step if resume is not None else None  # the step of the run's newest checkpoint
+    with memory, STOP.watching("training"):
         start = time.perf_counter()
         for step in range(first_step, n_steps):
+            signal_point("before-step", step + 1)
+            # The one place a stop request is acted on in training: a step boundary, agreed by every rank.
+            if stop_requested(world, ws.device):
+                if run_tmp is not None and cfg.save_every and step != saved_step:
+                    ckpt.save(run_tmp, step, scorer, optimizer, scheduler, counters, world, cfg.strategy)
+                raise Interrupted(step, ckpt.latest(run_tmp) if run_tmp is not None and cfg.save_every else None)
             step_micro = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
             # Micro-batch j of the step goes to rank j % world: every world size sees the same micro-batches.
             micro_picks = step_micro[world.rank :: world.size]
@@ -459,6 +411,8 @@ def train(
                         counters["generation_seconds"] += seconds
                     else:
                         parts = offline_objective(cfg, ws, method, scorer, student_head_of, batch, batch_picks, cache, counters)
+                    if k == 0:
+                        signal_point("inside-step", step + 1)
                     # x world: DDP and FSDP average gradients over ranks; the sum over ranks is wanted.
                     (parts["loss"] * world.size / step_targets).backward()  # (x * 1) / n == x / n: one process as before
                 sums[0] += float(parts["loss"].detach())
@@ -497,13 +451,12 @@ def train(
                 paused = time.perf_counter()
                 after_step(step + 1, student)
                 start += time.perf_counter() - paused
-            stop = bool(all_sum([1.0 if signals.received else 0.0], world, ws.device)[0]) if world.distributed else bool(signals.received)
             due = cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < n_steps
-            if run_tmp is not None and (due or (stop and cfg.save_every)):
+            if run_tmp is not None and due:
                 ckpt.save(run_tmp, step + 1, scorer, optimizer, scheduler, counters, world, cfg.strategy)
+                saved_step = step + 1
             injected_fault("kill-after-step", step + 1)
-            if stop:
-                raise Interrupted(step + 1, ckpt.latest(run_tmp) if run_tmp is not None and cfg.save_every else None)
+            injected_fault("kill-worker-after-step", step + 1, cfg.trial)
             if cfg.max_wall_seconds and elapsed >= cfg.max_wall_seconds and step + 1 < n_steps:
                 stopped_by = "max_wall_seconds"
                 break

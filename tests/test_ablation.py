@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -206,25 +205,11 @@ def test_an_interrupted_study_resumes_and_reruns_the_killed_trial(tiny_preset, t
     study = write_study(tmp_path, "resume", tiny_preset, budget={"max_steps": 24}, fixed={"method": "neo", "save_every": 4})
     runs = tmp_path / "runs"
     storage = runs / "ablations.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neobench.cli", "ablate", str(study), "--no-report"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        # Kill worker and trial process together, as a lost machine would, while the second trial
-        # trains: one finished run directory, and a second one being written.
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            finished = [r for r in runs.glob("tiny-*") if (r / "metrics.json").is_file()] if runs.is_dir() else []
-            training = list(runs.glob(".tmp-*/checkpoint/latest")) if runs.is_dir() else []
-            if len(finished) == 1 and training:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Worker and trial process are killed together, as a lost machine would, right after the second
+    # trial's step-4 checkpoint (injected there: no polling, no race with the trial's end).
+    killed = neobench("ablate", str(study), "--no-report",
+                      env={**os.environ, "NEOBENCH_INJECT_FAULT": "kill-worker-after-step:4:trial:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     trials = trials_in(storage, "resume")
     assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"], "killed while the second trial trained"
     killed_params = trials[1].params

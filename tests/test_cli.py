@@ -113,31 +113,149 @@ def test_shipped_data_matches_its_card():
     assert not train & heldout, "held-out prompts must not appear in training"
 
 
-def test_ctrl_c_discards_the_unfinished_run_and_says_so(tiny, tmp_path):
-    import signal
-    import time
+# Each moment of a run where a stop signal can land, injected there (neobench.stopping.signal_point):
+# (injection, extra flags, the line it must print, what the runs directory keeps).
+STOP_MOMENTS = [
+    ("sigint-at:setup", [], "stopped before step 1; the unfinished run was discarded (nothing trained yet)", "nothing"),
+    ("sigint-at:before-step:1", [], "stopped before step 1; the unfinished run was discarded (nothing trained yet)", "nothing"),
+    ("sigint-at:inside-step:2", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
+    ("sigterm-at:inside-step:2", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
+    ("sigint-at:before-step:3", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
+    ("sigint-at:inside-step:2", ["--save-every", "3"], "stopped after step 2; checkpoint in {tmp}/checkpoint/step-000002; "
+     "continue with `neobench run --resume {id} --runs-dir {runs}`", "checkpoint"),
+    ("sigterm-at:before-step:3", ["--save-every", "2"], "stopped after step 2; checkpoint in {tmp}/checkpoint/step-000002; "
+     "continue with `neobench run --resume {id} --runs-dir {runs}`", "checkpoint"),
+    ("sigint-at:final-write", ["--tasks", "neo_heldout_nll"], "stopped after training; the finished run is in {runs}/{id}, "
+     "unscored: `neobench eval --run {runs}/{id}` scores it", "finished"),
+    ("sigint-at:evaluation", ["--tasks", "neo_heldout_nll"], "stopped after training; the finished run is in {runs}/{id}, "
+     "unscored: `neobench eval --run {runs}/{id}` scores it", "finished"),
+    ("sigterm-at:final-write", [], "stopped after training; the finished run is in {runs}/{id} (--tasks none: nothing to score)",
+     "finished"),
+]
 
-    flags = tiny_flags(tiny, tmp_path / "runs")
-    flags[flags.index("--max-steps") + 1] = "100000"  # long enough to be interrupted mid-training
-    proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", *flags],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            # A shell's background job starts with SIGINT ignored, and Python then keeps it
-                            # ignored; a user's Ctrl-C always arrives, so restore the default here.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((tmp_path / "runs").glob(".tmp-*/train_log.jsonl")):
-            time.sleep(0.5)
-        time.sleep(2)  # a few steps in
-        proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C would: the run stops after its step
-        stderr = proc.communicate(timeout=120)[1]
-    finally:  # never leave a 100000-step run behind to slow the tests after this one
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130
-    assert "the unfinished run was discarded (no --save-every)" in stderr
-    assert list((tmp_path / "runs").iterdir()) == []
+
+@pytest.mark.parametrize("fault,extra,line,kept", STOP_MOMENTS, ids=[f"{m[0]}{'+' + m[1][0][2:] if m[1] else ''}" for m in STOP_MOMENTS])
+def test_a_stop_signal_at_any_moment_takes_the_one_stop_path(tiny, tmp_path, cli, monkeypatch, fault, extra, line, kept):
+    """SIGINT/SIGTERM delivered at a named moment of the run (no sleep, no race): exit 130, the one
+    line that says what was kept, and a runs directory holding that and nothing half-written. The
+    runs directory's name is long: the line must still be one line in a log."""
+    runs = tmp_path / ("a-runs-directory-with-a-long-name-" * 3) / "runs"
+    flags = tiny_flags(tiny, runs)
+    flags[flags.index("--max-steps") + 1] = "4"
+    monkeypatch.setenv("NEOBENCH_INJECT_FAULT", fault)
+    code, stderr = cli("run", "--method", "sft", *flags, *extra)
+    assert code == 130, stderr[-2000:]
+    left = sorted(runs.iterdir()) if runs.is_dir() else []
+    if kept == "nothing":
+        assert left == []
+        run_id = ""
+    else:
+        (run,) = left
+        run_id = run.name.removeprefix(".tmp-")
+        if kept == "checkpoint":
+            assert run.name.startswith(".tmp-") and (run / "checkpoint" / "latest").is_file()
+            assert not (run / "metrics.json").exists()
+        else:  # a finished run, renamed into place, with no (half-written) scores
+            assert not run.name.startswith(".") and (run / "metrics.json").is_file() and (run / "trained_weights.safetensors").is_file()
+            assert not list(run.glob("evaluations/*.json"))
+    expected = line.format(runs=runs, id=run_id, tmp=runs / f".tmp-{run_id}")
+    assert expected in stderr.splitlines(), stderr[-3000:]
+    if kept == "checkpoint":  # the checkpoint the stop wrote is one to continue from
+        monkeypatch.delenv("NEOBENCH_INJECT_FAULT")
+        code, stderr = cli("run", "--resume", run_id, "--runs-dir", str(runs))
+        assert code == 0, stderr[-2000:]
+        metrics = json.loads((runs / run_id / "metrics.json").read_text())
+        assert metrics["resumed_from_step"] == 2 and metrics["budget"]["steps"] == 4
+
+
+def test_a_stopped_run_process_stops_the_matrix(tiny, tmp_path, cli, monkeypatch):
+    """In a matrix each run has its own process: the first one is stopped in its step 1 (the signal
+    injected there), says what it kept, and the parent starts no further run."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("NEOBENCH_INJECT_FAULT", "sigint-at:inside-step:1")
+    code, stderr = cli("run", *tiny_flags(tiny, runs))
+    assert code == 130, stderr[-2000:]
+    lines = stderr.splitlines()
+    assert "stopped after step 1; the unfinished run was discarded (no --save-every)" in lines, stderr[-2000:]
+    assert "stopped at run 1/4; no run had finished" in lines
+    assert "run 2/4" not in stderr
+    assert list(runs.iterdir()) == []
+
+
+def test_a_second_signal_stops_at_once_and_a_signal_reaches_the_run_process(monkeypatch):
+    """The handler records the first signal and forwards every signal to the run process it waits
+    for; the same signal again within 2 s is one request (a terminal's Ctrl-C reaches both
+    processes), a later one stops at once."""
+    import signal
+
+    from neobench import stopping
+
+    class Child:
+        def __init__(self):
+            self.got = []
+
+        def poll(self):
+            return None
+
+        def send_signal(self, signum):
+            self.got.append(signum)
+
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+    request, child = stopping.StopRequest(), Child()
+    with request.watching("training"), request.forwarding_to(child):
+        assert signal.getsignal(signal.SIGINT) == request._handle
+        assert not request.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert request.received == signal.SIGTERM
+        clock[0] += 1.5
+        signal.raise_signal(signal.SIGINT)  # the same request, arriving twice
+        clock[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert child.got == [signal.SIGTERM, signal.SIGINT, signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt), request.in_phase("evaluation"):  # a pending stop ends scoring at once
+            pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not request.requested
+
+
+def test_a_forked_child_dies_of_sigterm_as_its_parent_expects():
+    """lm-eval's bootstrap forks a multiprocessing pool while a run is scored, and Pool.terminate()
+    ends its workers with SIGTERM: the inherited stop handler must not keep them alive."""
+    import signal
+
+    from neobench.stopping import StopRequest
+
+    request = StopRequest()
+    with request.watching("evaluation"):
+        pid = os.fork()
+        if pid == 0:  # the child: wait to be terminated; exit 0 only if SIGTERM did not end it
+            import time
+
+            time.sleep(30)
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert not request.requested, "the child's signal is not the parent's stop"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def test_messages_stay_one_line_in_a_log_and_tables_keep_their_layout(capfd):
+    """Outside a terminal a message is written whole, whatever its length; a table still fits 80 columns."""
+    from rich.table import Table
+
+    from neobench.progress import console
+
+    path = "/tmp/" + "/".join(["a-directory-with-a-long-name"] * 6)
+    console.print(f"interrupted; finished runs stay in {path}/ (24 truncated)")
+    console.print(f"[dim]a dim message about {path}[/dim]", highlight=False)
+    table = Table("column")
+    table.add_row("word " * 40)
+    console.print(table)
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == f"interrupted; finished runs stay in {path}/ (24 truncated)"
+    assert lines[1] == f"a dim message about {path}"
+    assert len(lines) > 5 and max(len(l) for l in lines[2:]) <= 80
 
 
 def test_run_prints_scores_and_a_failed_evaluation_keeps_the_run(tiny, tmp_path, cli, monkeypatch):
