@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test test-postgres test-paper-shape test-processes bench bench-paper-shape gpu-check leaderboard ablations report clean
+.PHONY: setup demo test test-under-load test-postgres test-paper-shape test-processes bench bench-paper-shape gpu-check leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# `make test` on a busy machine, as CI's is: LOAD_CORES busy-looping processes (default 1, a busy
+# second core; 2 keeps both cores busy) run beside pytest, started and stopped by tests/helpers/under_load.py.
+LOAD_CORES ?= 1
+test-under-load: $(STAMP)
+	$(PY) tests/helpers/under_load.py --cores $(LOAD_CORES) -- $(PY) -m pytest -q
 
 # Ablations on a real PostgreSQL server: a throwaway cluster in a temp dir (the server is
 # installed from the system's packages if absent), the postgres-marked tests, then it is removed.
