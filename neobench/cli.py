@@ -103,6 +103,11 @@ def run(
     train_log.jsonl, metrics.json, trained_weights.safetensors, evaluations/).
     After training, the student, the teacher and the untrained student are
     scored on --tasks (reference scores are cached).
+
+    Ctrl-C or SIGTERM stops a run at its next safe point and says in one
+    line what was kept: after the step in progress a checkpoint
+    (--save-every) or nothing; a finished run, unscored, when it lands
+    after training. Exit code 130; a second Ctrl-C stops at once.
     """
     from neobench.stopping import STOP
 
