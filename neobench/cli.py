@@ -210,6 +210,7 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int)
     from neobench.distributed import launched_world
     from neobench.experiment import execute, run_in_child, summary_table
     from neobench.runs import unfinished_run
+    from neobench.stopping import STOP, STOPPED_EXIT
 
     extra = sorted(k for k in given if k != "runs_dir")
     method, variant, seeds, preset = choices
@@ -222,6 +223,8 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int)
     world = launched_world()
     if nproc > 1:
         code = run_in_child(cfg, run_id, ("--resume", run_id, "--runs-dir", runs_dir), nproc=nproc, resolved=False)
+        if code != 0 and STOP.requested:  # its process 0 said what it kept
+            raise typer.Exit(STOPPED_EXIT)
         if code != 0:
             raise typer.Exit(code)
         return

@@ -59,7 +59,14 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
     its intermediate held-out NLL there); an exception it raises discards the run. ``resume``
     continues the unfinished run ``run_id`` from its last checkpoint. Under torchrun every rank
     calls this; rank 0 writes the run and evaluates, the others return ``{}`` after training.
+    A stop signal ends it at a safe point with :class:`neobench.stopping.Stopped` (its message says
+    what was kept).
     """
+    with STOP.watching("setup"):  # `neobench run` watches already; a library caller gets the same path
+        return _execute(cfg, run_id, after_step, resume)
+
+
+def _execute(cfg: RunConfig, run_id: Optional[str], after_step, resume: bool) -> dict:
     from neobench import checkpoint as ckpt
     from neobench.distributed import broadcast_object
     from neobench.evaluation import FIDELITY, EvalSpec, load_tasks
@@ -131,8 +138,7 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
             finally:
                 if board is not None:
                     board.close()  # before the run directory is renamed into place
-        STOP.phase = "writing"  # a stop requested now lets the run finish writing, then skips its scoring
-        if cfg.save_weights:
+        if cfg.save_weights:  # a stop requested from here on lets the run be written, then skips its scoring
             writer.write_tensors(WEIGHTS_FILE, trained.weights)
         signal_point("final-write")
         metrics = {
@@ -248,7 +254,7 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
             console.rule(f"[bold]run {i}/{len(cfgs)}: {run_label(cfg)} seed {cfg.seed}")
         run_id = new_run_id(cfg)
         code = run_in_child(cfg, run_id, nproc=nproc)
-        if code in (STOPPED_EXIT, -signal.SIGINT, -signal.SIGTERM):  # the run process said what it kept
+        if code != 0 and (STOP.requested or code == STOPPED_EXIT):  # the run process said what it kept
             raise Stopped(f"stopped at run {i}/{len(cfgs)}; {finished_runs(results, cfg.runs_dir)}")
         if code == DIVERGED_EXIT:  # the run said why, in one line; say nothing more for one run
             raise ChildDiverged(len(results))
@@ -256,6 +262,9 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
     return results
+
+
+TORCHRUN_SHUTDOWN_SECONDS = 600
 
 
 def finished_runs(results: list, runs_dir: str) -> str:
@@ -273,10 +282,14 @@ def run_in_child(
         yaml.safe_dump(cfg.to_dict(), f)
     launcher = [sys.executable, "-m", "neobench.cli"]
     if nproc > 1:
-        # --standalone: a rendezvous on a free local port; one node, nproc processes.
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "neobench.cli"]
+        # --standalone: a rendezvous on a free local port; one node, nproc processes. A stop reaches
+        # torchrun once, forwarded by this process (its own session: a terminal's Ctrl-C would be a
+        # second signal, which ends torchrun's wait for its ranks); it passes it to every rank and
+        # waits for them to finish their step and checkpoint (--shutdown-timeout; 30 s by default).
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    f"--shutdown-timeout={TORCHRUN_SHUTDOWN_SECONDS}", "-m", "neobench.cli"]
     what = ("--preset", f.name, "--run-id", run_id) if resolved else ()
-    child = subprocess.Popen([*launcher, "run", *what, *extra_args])
+    child = subprocess.Popen([*launcher, "run", *what, *extra_args], start_new_session=nproc > 1)
     try:
         # Under `neobench run` the stop handler passes any signal on to the child, which stops at
         # its next safe point and says what it kept (neobench.stopping); this process waits for it.

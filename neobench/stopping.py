@@ -15,10 +15,10 @@ stopping loses nothing but the work in flight, and says in one line what it kept
     evaluation                     scoring stops at once (its files are written    (the same line)
                                    atomically): the run is kept, not scored
 
-A second signal more than 2 s after the first stops at once (KeyboardInterrupt): whatever is
-half-written is removed, a complete checkpoint stays. A signal within 2 s of the first is the
-same request arriving twice (a terminal's Ctrl-C reaches `neobench run` and its run process, and
-the first forwards it), not a second one.
+A second signal more than 2 s after the one before stops at once (KeyboardInterrupt): whatever
+is half-written is removed, a complete checkpoint stays, and later signals are ignored while that
+clean-up runs. A signal within 2 s of the one before is the same request arriving twice (a
+terminal's Ctrl-C reaches `neobench run` and its run process, and the first forwards it).
 
 Tests inject a signal at a named point (``NEOBENCH_INJECT_FAULT=sigint-at:inside-step:2``, see
 :func:`signal_point`); ``signal.raise_signal`` runs the real handler before it returns, so every
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -68,17 +69,22 @@ class StopRequest:
     """The process's record of a stop signal; :data:`STOP` is the one instance.
 
     ``watching(phase)`` installs the handler (main thread only; nested calls just change the
-    phase). ``requested`` tells whether a signal came; ``forwarding_to(child)`` sends any signal
-    on to a run process this one waits for.
+    phase; a signal the process was started with ignored, as a script's background job is
+    with SIGINT, stays ignored). ``requested`` tells whether a signal came; ``forwarding_to(child)``
+    sends any signal on to a run process this one waits for.
     """
 
     def __init__(self):
         self.received: Optional[int] = None
         self.phase = "setup"
         self._at = 0.0
-        self._installed = False
-        self._pid = os.getpid()
+        self._forced = False
+        self._old: dict = {}
         self._children: list = []
+        # A forked child (lm-eval's bootstrap pool worker) must not keep the handler: its parent
+        # ends it with SIGTERM (Pool.terminate), and a child stuck in a lock it inherited locked
+        # can never run a Python handler, so only the default action ends it.
+        os.register_at_fork(after_in_child=self._restore)
 
     @property
     def requested(self) -> bool:
@@ -87,23 +93,28 @@ class StopRequest:
     @property
     def watched(self) -> bool:
         """Whether this process's handler is installed (else a signal raises KeyboardInterrupt as usual)."""
-        return self._installed
+        return bool(self._old)
 
     @contextlib.contextmanager
     def watching(self, phase: str = "setup"):
         """Handle SIGTERM/SIGINT while the block runs (in phase ``phase``); the old handlers come back after."""
-        if self._installed or threading.current_thread() is not threading.main_thread():
+        if self.watched or threading.current_thread() is not threading.main_thread():
             with self.in_phase(phase):
                 yield self
             return
-        old = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
-        self._installed, self.received, self.phase, self._pid = True, None, phase, os.getpid()
+        self._old = {sig: signal.getsignal(sig) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+        for sig in self._old:
+            signal.signal(sig, self._handle)
+        self.received, self._forced, self.phase = None, False, phase
         try:
             yield self
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            self._installed, self.received, self.phase = False, None, "setup"
+            self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old, self.received, self._forced, self.phase, self._children = {}, None, False, "setup", []
 
     @contextlib.contextmanager
     def in_phase(self, phase: str):
@@ -126,22 +137,21 @@ class StopRequest:
             self._children.remove(child)
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            # A forked child (lm-eval's bootstrap pool worker) inherits this handler: it must die
-            # of SIGTERM as its parent expects (Pool.terminate), so the default action it is.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         now = time.monotonic()
         for child in self._children:
             if child.poll() is None:
                 child.send_signal(signum)
-        if self.received is not None:
-            if now - self._at > SAME_REQUEST_SECONDS:
-                raise KeyboardInterrupt
+        if self._forced:  # stopping at once already: let its clean-up run undisturbed
             return
+        if self.received is not None:
+            repeated, self._at = now - self._at <= SAME_REQUEST_SECONDS, now
+            if repeated:
+                return
+            self._forced = True
+            raise KeyboardInterrupt
         self.received, self._at = signum, now
         if self.phase in INTERRUPTIBLE:
+            self._forced = True
             raise KeyboardInterrupt
         notice = NOTICES.get(self.phase)
         if signum == signal.SIGINT and notice and os.environ.get("RANK", "0") == "0":
@@ -194,15 +204,24 @@ def injected_fault(kind: str, step: int, trial: Optional[int] = None) -> bool:
 
 
 def signal_point(point: str, step: Optional[int] = None) -> None:
-    """A named moment of a run where a test may deliver SIGINT or SIGTERM to this process:
-    NEOBENCH_INJECT_FAULT=sigint-at:POINT (or POINT:STEP for the per-step points).
+    """A named moment of a run where a test may have a signal arrive:
 
-    Points: ``setup`` (models and data loaded, no run directory yet), ``before-step:N`` (step N
+        NEOBENCH_INJECT_FAULT=sigint-at:POINT          this process raises SIGINT here (sigterm-at: SIGTERM)
+        NEOBENCH_INJECT_FAULT=wait-for-signal-at:POINT  it says so on stderr and waits here until a signal
+                                                       comes from outside (a test sends it to the parent)
+
+    POINT is ``setup`` (models and data loaded, no run directory yet), ``before-step:N`` (step N
     about to start; N=1 is before the first step), ``inside-step:N`` (between the first
-    micro-batch's forward and its backward), ``final-write`` (between the weights and metrics.json),
-    ``evaluation`` (the student scored, the reference models not yet).
+    micro-batch's forward and its backward), ``final-write`` (between the weights and
+    metrics.json) or ``evaluation`` (the student scored, the reference models not yet).
     """
     value = os.environ.get(FAULT_VARIABLE, "")
     kind, _, where = value.partition(":")
-    if kind in SIGNAL_FAULTS and where == (point if step is None else f"{point}:{step}"):
+    if where != (point if step is None else f"{point}:{step}"):
+        return
+    if kind in SIGNAL_FAULTS:
         signal.raise_signal(SIGNAL_FAULTS[kind])  # runs the Python handler before it returns
+    elif kind == "wait-for-signal-at" and STOP.watched:
+        print(f"waiting for a signal at {where}", file=sys.stderr, flush=True)
+        while not STOP.requested:  # a flag this process sets itself: no race, however late the signal
+            time.sleep(0.05)

@@ -385,7 +385,7 @@ def train(
             signal_point("before-step", step + 1)
             # The one place a stop request is acted on in training: a step boundary, agreed by every rank.
             if stop_requested(world, ws.device):
-                if run_tmp is not None and cfg.save_every and step != saved_step:
+                if run_tmp is not None and cfg.save_every and step > 0 and step != saved_step:
                     ckpt.save(run_tmp, step, scorer, optimizer, scheduler, counters, world, cfg.strategy)
                 raise Interrupted(step, ckpt.latest(run_tmp) if run_tmp is not None and cfg.save_every else None)
             step_micro = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
@@ -461,6 +461,7 @@ def train(
                 stopped_by = "max_wall_seconds"
                 break
         wall = time.perf_counter() - start
+    STOP.phase = "writing"  # training is over: a stop now lets the run be gathered and written
     peaks = all_gather_int(memory.peak_bytes(), world, ws.device)
     weights = full_state(scorer, changed_names(student, cfg))
     if world.distributed and cfg.strategy == "fsdp":

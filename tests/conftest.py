@@ -119,6 +119,18 @@ def tiny_cfg(tiny, tmp_path):
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def signals_arrive():
+    """SIGINT handled as Python does by default, however pytest was started: a script's background
+    job (`make test &`, nohup) starts with SIGINT ignored, and neobench leaves an ignored signal
+    ignored; the stop tests deliver SIGINT as a user's Ctrl-C would."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch, request):
     """Every test but the embedded-default ones gets its own empty neobench cache."""

@@ -118,6 +118,8 @@ def test_shipped_data_matches_its_card():
 STOP_MOMENTS = [
     ("sigint-at:setup", [], "stopped before step 1; the unfinished run was discarded (nothing trained yet)", "nothing"),
     ("sigint-at:before-step:1", [], "stopped before step 1; the unfinished run was discarded (nothing trained yet)", "nothing"),
+    ("sigint-at:setup", ["--save-every", "2"], "stopped before step 1; the unfinished run was discarded (nothing trained yet)",
+     "nothing"),
     ("sigint-at:inside-step:2", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
     ("sigterm-at:inside-step:2", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
     ("sigint-at:before-step:3", [], "stopped after step 2; the unfinished run was discarded (no --save-every)", "nothing"),
@@ -182,10 +184,40 @@ def test_a_stopped_run_process_stops_the_matrix(tiny, tmp_path, cli, monkeypatch
     assert list(runs.iterdir()) == []
 
 
-def test_a_second_signal_stops_at_once_and_a_signal_reaches_the_run_process(monkeypatch):
+def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_path):
+    """A SIGTERM sent to `neobench run` alone (a process manager's stop) while a run process of its
+    matrix trains: forwarded, that run stops after its step, and the matrix stops. The run process
+    waits for the signal at a named point (wait-for-signal-at), so it is training when it comes."""
+    import signal
+
+    runs = tmp_path / "runs"
+    flags = tiny_flags(tiny, runs)
+    proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", "--seeds", "2", *flags],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "NEOBENCH_INJECT_FAULT": "wait-for-signal-at:inside-step:1"})
+    try:
+        seen = []
+        for line in proc.stderr:  # until the run process says it waits
+            seen.append(line)
+            if line.startswith("waiting for a signal at inside-step:1"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=300)[1]
+    finally:  # never leave a run process behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = "".join(seen).splitlines() + rest.splitlines()
+    assert proc.returncode == 130, "\n".join(lines[-30:])
+    assert "stopped after step 1; the unfinished run was discarded (no --save-every)" in lines
+    assert "stopped at run 1/2; no run had finished" in lines
+    assert list(runs.iterdir()) == []
+
+
+def test_a_second_signal_stops_at_once_and_every_signal_reaches_the_run_process(monkeypatch):
     """The handler records the first signal and forwards every signal to the run process it waits
     for; the same signal again within 2 s is one request (a terminal's Ctrl-C reaches both
-    processes), a later one stops at once."""
+    processes), a later one stops at once, and after that signals are ignored while the clean-up runs."""
     import signal
 
     from neobench import stopping
@@ -203,6 +235,7 @@ def test_a_second_signal_stops_at_once_and_a_signal_reaches_the_run_process(monk
     clock = [100.0]
     monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     request, child = stopping.StopRequest(), Child()
+    before = signal.getsignal(signal.SIGINT)
     with request.watching("training"), request.forwarding_to(child):
         assert signal.getsignal(signal.SIGINT) == request._handle
         assert not request.requested
@@ -210,33 +243,41 @@ def test_a_second_signal_stops_at_once_and_a_signal_reaches_the_run_process(monk
         assert request.received == signal.SIGTERM
         clock[0] += 1.5
         signal.raise_signal(signal.SIGINT)  # the same request, arriving twice
-        clock[0] += 1.0
+        clock[0] += 2.5
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-        assert child.got == [signal.SIGTERM, signal.SIGINT, signal.SIGINT]
+        clock[0] += 5
+        signal.raise_signal(signal.SIGINT)  # stopping at once already: ignored, still passed on
+        assert child.got == [signal.SIGTERM, signal.SIGINT, signal.SIGINT, signal.SIGINT]
         with pytest.raises(KeyboardInterrupt), request.in_phase("evaluation"):  # a pending stop ends scoring at once
             pass
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not request.requested
+    assert signal.getsignal(signal.SIGINT) is before and not request.requested
 
 
 def test_a_forked_child_dies_of_sigterm_as_its_parent_expects():
     """lm-eval's bootstrap forks a multiprocessing pool while a run is scored, and Pool.terminate()
-    ends its workers with SIGTERM: the inherited stop handler must not keep them alive."""
+    ends its workers with SIGTERM: a forked child gets the default handlers back at once, so even a
+    child stuck in a lock (where no Python handler can run) dies of it."""
     import signal
 
     from neobench.stopping import StopRequest
 
     request = StopRequest()
+    read_end, write_end = os.pipe()
     with request.watching("evaluation"):
         pid = os.fork()
-        if pid == 0:  # the child: wait to be terminated; exit 0 only if SIGTERM did not end it
+        if pid == 0:  # the child: report its SIGTERM handler, then wait to be terminated
             import time
 
+            os.write(write_end, b"default" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"handled")
             time.sleep(30)
             os._exit(0)
+        assert os.read(read_end, 16) == b"default"
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
         assert not request.requested, "the child's signal is not the parent's stop"
+    os.close(read_end)
+    os.close(write_end)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 

@@ -8,6 +8,7 @@ tests are skipped, saying so.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -59,7 +60,8 @@ def test_a_worker_killed_mid_trial_on_postgres_has_its_trial_run_again(tiny_pres
     # trial's step 2 (injected there: no polling, no race with the trial's end). The other worker goes on.
     result = neobench("ablate", str(study), "--workers", "2", "--storage", postgres_url, "--no-report",
                       env={**os.environ, "NEOBENCH_INJECT_FAULT": "kill-worker-after-step:2:trial:0"})
-    assert "worker(s) exited with" in result.stderr and str(-signal.SIGKILL) in result.stderr, result.stderr[-3000:]
+    exited = re.search(r"worker\(s\) exited with \[(-?\d+), (-?\d+)\]", result.stderr)
+    assert exited and sorted(map(int, exited.groups())) == [-signal.SIGKILL, 0], result.stderr[-3000:]
     (killed,) = [t for t in trials_of(postgres_url, name) if t.number == 0]
 
     # The surviving worker re-queues the dead worker's trial; if the study is not done yet (the

@@ -176,6 +176,44 @@ def test_a_run_killed_after_its_checkpoint_resumes_exactly(killed_runs, tiny, tm
     assert metrics["resumed_from_step"] == 2 and not (resumed_dir / "checkpoint").exists()
 
 
+def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_resumes(tiny, tmp_path, cli):
+    """Ctrl-C to `neobench run --nproc 2` alone: torchrun gets it once (forwarded), passes it to both
+    ranks, and they leave the loop at the same step, write its checkpoint and exit; the parent says
+    so. Each rank waits for the signal inside step 1 (wait-for-signal-at), so it lands mid-step."""
+    import signal
+
+    runs = tmp_path / "runs"
+    flags = ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--train-data", str(tiny["data"]),
+             "--seq-len", "64", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--rank", "4",
+             "--dtype", "float32", "--tasks", "none", "--save-every", "5", "--runs-dir", str(runs)]
+    proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "neo", "--nproc", "2", *flags],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "NEOBENCH_INJECT_FAULT": "wait-for-signal-at:inside-step:1"})
+    try:
+        seen = []
+        for line in proc.stderr:  # until both ranks wait inside step 1
+            seen.append(line)
+            if sum(l.startswith("waiting for a signal at inside-step:1") for l in seen) == 2:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = "".join(seen).splitlines() + rest.splitlines()
+    assert proc.returncode == 130, "\n".join(lines[-40:])
+    (tmp,) = runs.iterdir()
+    run_id = tmp.name.removeprefix(".tmp-")
+    assert (f"stopped after step 1; checkpoint in {tmp}/checkpoint/step-000001; continue with "
+            f"`neobench run --resume {run_id} --runs-dir {runs}`") in lines, "\n".join(lines[-40:])
+    assert "stopped at run 1/1; no run had finished" in lines
+    code, stderr = cli("run", "--resume", run_id, "--runs-dir", str(runs))  # on one process: the same global batch
+    assert code == 0, stderr[-2000:]
+    metrics = json.loads((runs / run_id / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 1 and metrics["budget"]["steps"] == 3
+
+
 def test_resume_refuses_what_it_cannot_do_in_one_line(tiny, tmp_path, cli):
     code, stderr = cli("run", "--resume", "nope", "--runs-dir", str(tmp_path))
     assert code == 2 and "no unfinished run 'nope'" in stderr
