@@ -264,9 +264,13 @@ def _lm_eval_rows(model, tokenizer, taskset: TaskSet, role: str) -> list[dict[st
     # to stdout, which neobench keeps for results. Its environment report is skipped: neobench
     # records versions itself, and the report costs seconds per call and runs `git describe`,
     # whose "fatal: not a git repository" would reach the terminal outside a checkout.
+    # DISABLE_MULTIPROC: lm-eval bootstraps each stderr in this process, not in a pool it forks
+    # from a process full of torch threads (the same seeded chunks, so the same values). A pool
+    # worker still starting when the pool is torn down could miss its SIGTERM and hang the run.
     from unittest import mock
 
     with contextlib.redirect_stdout(io.StringIO()), tqdm_off_unless(console.is_terminal), \
+            mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}), \
             mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None), \
             mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
         results = simple_evaluate(

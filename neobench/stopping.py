@@ -80,6 +80,7 @@ class StopRequest:
         self._at = 0.0
         self._forced = False
         self._old: dict = {}
+        self._pid = os.getpid()
         self._children: list = []
         # A forked child (lm-eval's bootstrap pool worker) must not keep the handler: its parent
         # ends it with SIGTERM (Pool.terminate), and a child stuck in a lock it inherited locked
@@ -105,7 +106,7 @@ class StopRequest:
         self._old = {sig: signal.getsignal(sig) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
         for sig in self._old:
             signal.signal(sig, self._handle)
-        self.received, self._forced, self.phase = None, False, phase
+        self.received, self._forced, self.phase, self._pid = None, False, phase, os.getpid()
         try:
             yield self
         finally:
@@ -137,6 +138,10 @@ class StopRequest:
             self._children.remove(child)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child before its at-fork reset: die as the default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         now = time.monotonic()
         for child in self._children:
             if child.poll() is None:
