@@ -35,6 +35,7 @@ import yaml
 from neobench.config import FIELD_NAMES, RunConfig, apply_overrides, load_preset, validate
 from neobench.errors import DIVERGED_EXIT, NeobenchError
 from neobench.progress import console
+from neobench.protocols import TUNING_STUDIES, best_lr_scales
 from neobench.registry import Registry
 
 REPO_STUDIES = Path(__file__).resolve().parent.parent / "ablations"
@@ -578,7 +579,8 @@ def grid_size(spec: StudySpec) -> Optional[int]:
 
 def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs_dir: str, worker_index: int = 0) -> None:
     """One worker: run trials until the study holds ``n_trials`` finished ones."""
-    from neobench.experiment import run_in_child, run_label
+    from neobench.experiment import run_in_child
+    from neobench.labels import run_label
     from neobench.runs import new_run_id
 
     study, storage = load_study(spec, study_name, storage_url, worker_index)
@@ -824,33 +826,6 @@ def trial_reporter(payload: dict):
 
 # --- the tuned protocol -------------------------------------------------------------------------
 
-TUNING_STUDY = "tune-lr"
-"""The study whose best trial per method (sft, lora, kd, neo) sets that method's lr_scale under `--protocol tuned`."""
-TUNING_STUDIES = (TUNING_STUDY, "tune-lr-variants")
-"""Every study the tuned protocol reads: the methods, then LLM-Neo's adapter variants (neo+dora, ...). Each
-label is tuned in one of them, on the same grid of multiples, so one completeness rule serves both."""
-
-
-def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> dict[str, float]:
-    """(label, lr_scale, objective) of finished trials -> label: the lr_scale of its best objective.
-
-    Ties go to the smaller scale. A label whose search is not complete (fewer rates tried than the
-    most-tried label) gets no choice yet. neobench.report applies this same function to the stored rows.
-    """
-    tried: dict[str, set] = {}
-    for label, scale, _ in trials:
-        tried.setdefault(label, set()).add(scale)
-    most = max((len(s) for s in tried.values()), default=0)
-    best: dict[str, tuple[float, float]] = {}
-    for label, scale, value in trials:
-        if len(tried[label]) < most:
-            continue
-        key = (value if minimize else -value, scale)
-        if label not in best or key < best[label]:
-            best[label] = key
-    return {label: scale for label, (_, scale) in best.items()}
-
-
 def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES) -> dict[str, float]:
     """label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale the studies chose.
 
@@ -858,7 +833,7 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: t
     import optuna
     from optuna.trial import TrialState
 
-    from neobench.report import label_of
+    from neobench.labels import label_of
 
     url = storage or default_storage(runs_dir)
     hint = f"run `neobench ablate {study_names[0]} --runs-dir {runs_dir}` first"

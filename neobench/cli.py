@@ -328,7 +328,7 @@ PROTOCOLS = ("paper", "tuned")
 
 def not_done(cfgs: list) -> list:
     """The planned runs that have no finished twin under their runs directory (--skip-done)."""
-    from neobench.experiment import run_label
+    from neobench.labels import run_label
     from neobench.runs import finished_like
 
     todo = []
@@ -345,8 +345,9 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     """The planned runs with each method's lr_scale from the tune-lr study (see neobench.ablation)."""
     import dataclasses
 
-    from neobench.ablation import TUNING_STUDIES, tuned_lr_scales
-    from neobench.report import label_of
+    from neobench.ablation import tuned_lr_scales
+    from neobench.labels import label_of
+    from neobench.protocols import TUNING_STUDIES, study_for
 
     if "lr_scale" in given:
         raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
@@ -368,14 +369,6 @@ def tuned_configs(cfgs: list, given: dict) -> list:
         same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
         console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{same if scales[label] == 1.0 else ''}", highlight=False)
     return tuned
-
-
-def study_for(label: str, studies: tuple[str, ...]) -> Optional[str]:
-    """The shipped tuning study that tunes ``label``: the methods' own, LLM-Neo's adapter variants'
-    (neo+dora, ...), or none (lora+dora and the like are not searched)."""
-    if "+" not in label:
-        return studies[0]
-    return studies[1] if label.startswith("neo+") else None
 
 
 @app.command()

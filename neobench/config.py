@@ -262,7 +262,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     CacheMode.parse(cfg.teacher_cache)
     from neobench.distributed import STRATEGIES
-    from neobench.train import OPTIMIZERS
+    from neobench.optimizers import OPTIMIZERS
 
     STRATEGIES.get(cfg.strategy)
     OPTIMIZERS.get(cfg.optimizer)

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from neobench.config import RunConfig, validate
 from neobench.errors import DIVERGED_EXIT, NeobenchError
+from neobench.labels import run_label
 from neobench.methods import DEFAULT_MATRIX, METHODS
 from neobench.progress import console
 from neobench.runs import RunWriter, new_run_id, read_run, versions
@@ -45,11 +46,6 @@ def plan(base: RunConfig, method: Optional[str], variant: Optional[str], seeds: 
             cfg = dataclasses.replace(base, method=m, variant=variant, seed=base.seed + seed_offset)
             cfgs.append(validate(cfg))
     return cfgs
-
-
-def run_label(cfg: RunConfig) -> str:
-    variant = cfg.effective_variant()
-    return f"{cfg.method}+{variant}" if variant else cfg.method
 
 
 def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resume: bool = False) -> dict:

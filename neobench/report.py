@@ -24,6 +24,7 @@ from typing import Optional
 import pandas as pd
 
 from neobench.errors import NeobenchError
+from neobench.labels import given, label_of
 
 FORMATS = ("md", "csv", "html", "tex")
 REFERENCES = ("teacher", "untrained")
@@ -45,25 +46,6 @@ DELTA_COLUMNS = ("lora", "kd")
 GENERATION = [("neo_heldout_rougeL", "rougeL"), ("neo_heldout_rougeL", "response_tokens"), ("neo_heldout_rougeL", "at_cap")]
 # What the teacher scores against itself, by definition; neo_fidelity does not score the teacher.
 TEACHER_BY_DEFINITION = {("neo_fidelity", "kl"): 0.0, ("neo_fidelity", "top1_agreement"): 1.0}
-
-
-def given(value) -> bool:
-    """Not None/NaN (pandas turns a missing string into NaN)."""
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-OWN_LOSS = {"minillm": "reverse_kl"}
-"""Methods whose divergence is part of their definition (not shown in their label)."""
-
-
-def label_of(method: str, variant: Optional[str], loss: Optional[str]) -> str:
-    """sft, kd, lora, neo; neo+dora for other adapter variants; minillm+lora for an adapter
-    on a method that can train all weights; "(loss)" for a divergence other than the method's own."""
-    from neobench.methods import METHODS
-
-    adapter_only = method in METHODS and METHODS.get(method).trains == "adapter"
-    name = method if not given(variant) or (variant == "lora" and adapter_only) else f"{method}+{variant}"
-    return name if not given(loss) or loss == OWN_LOSS.get(method, "forward_kl") else f"{name} ({loss})"
 
 
 def t_quantile(n: int) -> float:
@@ -714,14 +696,14 @@ def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
 def tuned_choice(trials: pd.DataFrame) -> dict[str, float]:
     """label -> the lr_scale with the lowest validation NLL among ``tuning_trials``, for labels whose search
     is complete (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
-    from neobench.ablation import best_lr_scales
+    from neobench.protocols import best_lr_scales
 
     return best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
 
 
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
     """The tuning studies' trial rows of their objective (validation NLL), one per trial."""
-    from neobench.ablation import TUNING_STUDIES
+    from neobench.protocols import TUNING_STUDIES
 
     students = rows[(rows["model"] == "student") & rows["study"].isin(TUNING_STUDIES)]
     return students[(students["task"] == "neo_heldout_nll") & (students["metric"] == "nll")]

@@ -28,7 +28,7 @@ from neobench.models import check_shared_vocabulary, load_causal_lm, load_tokeni
 from neobench.distributed import World
 from neobench.precision import autocast, dtype_name, pick_dtype
 from neobench.prune import parse_pruned_spec, pruned_student_dir
-from neobench.registry import Registry
+from neobench.optimizers import OPTIMIZERS
 from neobench.stopping import STOP, Interrupted, injected_fault, signal_point
 
 
@@ -252,7 +252,7 @@ class Diverged(NeobenchError):
 
 
 def divergence_message(cfg: RunConfig, step: int, loss: float, norm: float, last_finite: Optional[tuple[int, float]]) -> str:
-    from neobench.experiment import run_label
+    from neobench.labels import run_label
 
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4f})"
     before = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite else "no finite step before it"
@@ -290,14 +290,6 @@ def load_trained_student(cfg: RunConfig, ws: Workspace, weights_file) -> torch.n
         raise NeobenchError(f"{weights_file} does not fit this run's student (e.g. {sorted(missing)[0]!r}); was the run's config edited?")
     student.load_state_dict(state, strict=False)
     return student.eval()
-
-
-# foreach: PyTorch's multi-tensor kernels, which it picks by default on CUDA only; on a CPU they
-# made an AdamW step over 320M parameters 1.35x faster (3.4x for the first, which allocates the state).
-OPTIMIZERS = Registry("optimizer")
-OPTIMIZERS.add("adamw", lambda params, cfg: torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True))
-# Plain SGD: what the 1-vs-N-process tests compare (AdamW's normalisation amplifies reduction-order noise).
-OPTIMIZERS.add("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True))
 
 
 def stop_requested(world: World, device: str) -> bool:
