@@ -227,6 +227,8 @@ def signal_point(point: str, step: Optional[int] = None) -> None:
     if kind in SIGNAL_FAULTS:
         signal.raise_signal(SIGNAL_FAULTS[kind])  # runs the Python handler before it returns
     elif kind == "wait-for-signal-at" and STOP.watched:
-        print(f"waiting for a signal at {where}", file=sys.stderr, flush=True)
+        # One write of a whole line: the ranks of a torchrun share stderr, and a line split in two
+        # writes could interleave with another rank's.
+        os.write(sys.stderr.fileno(), f"waiting for a signal at {where}\n".encode())
         while not STOP.requested:  # a flag this process sets itself: no race, however late the signal
             time.sleep(0.05)

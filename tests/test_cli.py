@@ -199,7 +199,7 @@ def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_p
         seen = []
         for line in proc.stderr:  # until the run process says it waits
             seen.append(line)
-            if line.startswith("waiting for a signal at inside-step:1"):
+            if "waiting for a signal at inside-step:1\n" in line:
                 proc.send_signal(signal.SIGTERM)
                 break
         rest = proc.communicate(timeout=300)[1]

@@ -193,7 +193,7 @@ def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_re
         seen = []
         for line in proc.stderr:  # until both ranks wait inside step 1
             seen.append(line)
-            if sum(l.startswith("waiting for a signal at inside-step:1") for l in seen) == 2:
+            if "".join(seen).count("waiting for a signal at inside-step:1\n") == 2:
                 proc.send_signal(signal.SIGINT)
                 break
         rest = proc.communicate(timeout=300)[1]
