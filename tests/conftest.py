@@ -164,3 +164,43 @@ def cli(capfd):
         return code, capfd.readouterr().err
 
     return run
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started (found in /proc before any is killed; a
+    torchrun in its own session included)."""
+    import signal
+
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        found.append(parent)
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                frontier += [int(k) for k in task.read_text().split()]
+            except OSError:
+                pass
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def watchdog():
+    """watch(proc): if the test still waits on ``proc`` after 10 minutes, kill it and all it started,
+    so a hang fails the test instead of the whole run. A cap only: no test waits for it to pass."""
+    import threading
+
+    timers = []
+
+    def watch(proc, seconds: float = 600):
+        timer = threading.Timer(seconds, kill_tree, (proc.pid,))
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+
+    yield watch
+    for timer in timers:
+        timer.cancel()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import kill_tree
 import yaml
 
 from neobench.experiment import execute
@@ -184,7 +185,7 @@ def test_a_stopped_run_process_stops_the_matrix(tiny, tmp_path, cli, monkeypatch
     assert list(runs.iterdir()) == []
 
 
-def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_path):
+def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_path, watchdog):
     """A SIGTERM sent to `neobench run` alone (a process manager's stop) while a run process of its
     matrix trains: forwarded, that run stops after its step, and the matrix stops. The run process
     waits for the signal at a named point (wait-for-signal-at), so it is training when it comes."""
@@ -195,6 +196,7 @@ def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "sft", "--seeds", "2", *flags],
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "NEOBENCH_INJECT_FAULT": "wait-for-signal-at:inside-step:1"})
+    watchdog(proc)
     try:
         seen = []
         for line in proc.stderr:  # until the run process says it waits
@@ -203,9 +205,9 @@ def test_a_signal_to_the_parent_reaches_the_run_process_it_waits_for(tiny, tmp_p
                 proc.send_signal(signal.SIGTERM)
                 break
         rest = proc.communicate(timeout=300)[1]
-    finally:  # never leave a run process behind
+    finally:  # never leave a run process behind (torchrun runs in a session of its own)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
     lines = "".join(seen).splitlines() + rest.splitlines()
     assert proc.returncode == 130, "\n".join(lines[-30:])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import kill_tree
 import torch
 from safetensors.torch import load_file
 
@@ -176,7 +177,7 @@ def test_a_run_killed_after_its_checkpoint_resumes_exactly(killed_runs, tiny, tm
     assert metrics["resumed_from_step"] == 2 and not (resumed_dir / "checkpoint").exists()
 
 
-def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_resumes(tiny, tmp_path, cli):
+def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_resumes(tiny, tmp_path, cli, watchdog):
     """Ctrl-C to `neobench run --nproc 2` alone: torchrun gets it once (forwarded), passes it to both
     ranks, and they leave the loop at the same step, write its checkpoint and exit; the parent says
     so. Each rank waits for the signal inside step 1 (wait-for-signal-at), so it lands mid-step."""
@@ -189,6 +190,7 @@ def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_re
     proc = subprocess.Popen([sys.executable, "-m", "neobench.cli", "run", "--method", "neo", "--nproc", "2", *flags],
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "NEOBENCH_INJECT_FAULT": "wait-for-signal-at:inside-step:1"})
+    watchdog(proc)
     try:
         seen = []
         for line in proc.stderr:  # until both ranks wait inside step 1
@@ -197,9 +199,9 @@ def test_ctrl_c_stops_a_two_process_run_after_its_step_with_a_checkpoint_that_re
                 proc.send_signal(signal.SIGINT)
                 break
         rest = proc.communicate(timeout=300)[1]
-    finally:
+    finally:  # never leave a run process behind (torchrun runs in a session of its own)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
     lines = "".join(seen).splitlines() + rest.splitlines()
     assert proc.returncode == 130, "\n".join(lines[-40:])
