@@ -9,7 +9,7 @@ loss:   one step of the neo objective alone, 0.5 CE + 0.5 KL(teacher || student)
           naive  - both models' logits materialised, the loss in one piece;
           before - logits materialised, the divergence in checkpointed chunks (the code before
                    the fused step);
-          fused  - neobench.fused_loss: projection and loss in token chunks, no [tokens x vocab] tensor.
+          fused  - neobench.training.fused_loss: projection and loss in token chunks, no [tokens x vocab] tensor.
         Each in its own process, so the peak memory (peak RSS above the inputs on CPU, CUDA max
         allocated on GPU) is that computation's alone.
 matrix: wall time of the default method matrix (training only, --tasks none) with the teacher
@@ -34,9 +34,9 @@ def loss_step(tokens: int, vocab: int, hidden: int, way: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from neobench.fused_loss import LogitHead, LossSpec, TeacherHidden, fused_loss
-    from neobench.losses import distillation_loss
-    from neobench.train import PeakMemory
+    from neobench.training.fused_loss import LogitHead, LossSpec, TeacherHidden, fused_loss
+    from neobench.training.memory import PeakMemory
+    from neobench.training.losses import distillation_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def bench_loss(args) -> None:
 def bench_matrix(args) -> None:
     import shutil
 
-    from neobench.models import cache_dir
+    from neobench.models.loading import cache_dir
 
     times = {}
     for cache in ("off", args.cache):

@@ -20,8 +20,8 @@ def step_shapes(preset: str) -> list[tuple[str, int, int, int]]:
     """(name, m, k, n) of the step's matmuls: tokens x in_features @ in_features x out_features."""
     from transformers import AutoConfig
 
-    from neobench.config import load_preset
-    from neobench.models import resolve_model
+    from neobench.models.loading import resolve_model
+    from neobench.runs.config import load_preset
 
     cfg = load_preset(preset)
     config = AutoConfig.from_pretrained(resolve_model(cfg.teacher))
@@ -63,7 +63,7 @@ def limits(preset: str = "smol-cpu", repeats: int = 5) -> tuple[dict[str, float]
 
 
 def main() -> None:
-    from neobench.precision import cpu_has_native_bf16
+    from neobench.models.precision import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smol-cpu")

@@ -4,7 +4,7 @@
     python benchmarks/paper_shape.py --nproc 2            # the same under torchrun (DDP)
     python benchmarks/paper_shape.py --teacher-layers 32 --student-layers 16   # full depth (a GPU)
 
-Teacher random:llama-3.1-8b, student random:llama-3.2-1b (neobench.models: the published configs,
+Teacher random:llama-3.1-8b, student random:llama-3.2-1b (neobench.models.loading: the published configs,
 vocabulary 128,256, random weights), the paper preset's LoRA rank 128, kd_ratio 0.9 and seq_len
 1,024. The data are the packaged Magpie conversations joined into multi-turn ones long enough to
 fill (and be cut at) 1,024 tokens. Each method runs as `neobench run` in its own process (so its peak memory is
@@ -25,7 +25,7 @@ import torch
 
 def long_conversations(out: Path, turns: int, n: int) -> Path:
     """``n`` rows of ``turns`` packaged Magpie exchanges each, as multi-turn chats."""
-    from neobench.data import resolve_data_file
+    from neobench.data.examples import resolve_data_file
 
     rows = [json.loads(line) for line in Path(resolve_data_file("magpie-smollm2", "train")).read_text().splitlines()]
     with out.open("w") as f:

@@ -92,7 +92,7 @@ def worktree(rev: str, where: Path) -> Path:
 def main() -> None:
     sys.path.insert(0, str(REPO))
     from benchmarks.matmul_limit import limits
-    from neobench.precision import cpu_has_native_bf16
+    from neobench.models.precision import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smol-cpu")

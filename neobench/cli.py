@@ -1,4 +1,5 @@
-"""The `neobench` command line. Each command is a thin shell over a library function."""
+"""The `neobench` command line: each command parses its options and calls one function of
+neobench.commands, which does the work through the stages below it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from neobench.errors import DIVERGED_EXIT, NeobenchError
-from neobench.progress import console
+from neobench.core.errors import NeobenchError
+from neobench.core.progress import console
 
 app = typer.Typer(
     help="neobench: train and compare LLM-Neo (LoRA + KD) and its distillation baselines under one budget.",
@@ -109,7 +110,7 @@ def run(
     (--save-every) or nothing; a finished run, unscored, when it lands
     after training. Exit code 130; a second Ctrl-C stops at once.
     """
-    from neobench.stopping import STOP
+    from neobench.commands.run import run_command
 
     flags = {
         "loss": loss, "teacher": teacher, "student": student, "train_data": train_data, "train_split": train_split,
@@ -126,131 +127,7 @@ def run(
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
     given = {k: v for k, v in flags.items() if v is not None}
-    with STOP.watching("setup"):  # from here on a signal takes the one stop path (neobench.stopping)
-        run_command(given, (method, variant, seeds, preset), protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial)
-
-
-def run_command(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc: int, resume: Optional[str],
-                runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str]) -> None:
-    """`neobench run` once its flags are parsed: a resumed run, a run process's one run, or the plan."""
-    from neobench.config import apply_overrides, load_preset
-    from neobench.distributed import close, launched_world
-    from neobench.experiment import ChildDiverged, execute, execute_many, matrix_scores, plan, summary_table
-    from neobench.stopping import STOPPED_EXIT, Stopped
-    from neobench.train import Diverged
-
-    method, variant, seeds, preset = choices
-    under_torchrun = launched_world().distributed
-    if nproc > 1 and under_torchrun:
-        raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
-    if resume is not None:
-        base, world = None, launched_world()
-    else:
-        base, world = apply_overrides(load_preset(preset), given, "command-line flags"), launched_world()
-    try:
-        if resume is not None:
-            resume_run(resume, runs_dir or "runs", given, choices, nproc)
-            return
-        if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
-            run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
-            return
-        cfgs = plan(base, method, variant, seeds)
-        if protocol not in PROTOCOLS:
-            raise NeobenchError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-        if protocol == "tuned":
-            cfgs = tuned_configs(cfgs, given)
-            if not cfgs:
-                return
-        if skip_done:
-            cfgs = not_done(cfgs)
-            if not cfgs:
-                console.print(f"every planned run already finished under {base.runs_dir}/", highlight=False)
-                return
-        if under_torchrun:  # every rank runs the plan in this process
-            results = [r for cfg in cfgs if (r := execute(cfg))]
-        elif len(cfgs) == 1 and nproc == 1:
-            # One run: this process is fresh, so it trains here (a child would cost its start-up again).
-            results = [execute(cfgs[0])]
-        else:  # several runs: each in its own process, so each peak memory is its own
-            results = execute_many(cfgs, nproc)
-    except Stopped as stop:  # at a safe point; the line says what was kept
-        if world.main:
-            console.print(str(stop), highlight=False)
-        raise typer.Exit(STOPPED_EXIT) from None
-    except KeyboardInterrupt:  # a second signal: stopped at once
-        if run_id is None and world.main:  # the parent speaks for both
-            where = base.runs_dir if base is not None else runs_dir or "runs"
-            console.print(f"interrupted; finished runs stay in {where}/", highlight=False)
-        raise typer.Exit(STOPPED_EXIT) from None
-    except Diverged as err:
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(DIVERGED_EXIT) from None
-    except ChildDiverged as stop:
-        if stop.finished:
-            console.print(f"the {stop.finished} runs finished before it stay in {base.runs_dir}/", highlight=False)
-        raise typer.Exit(DIVERGED_EXIT) from None
-    finally:
-        close(world)
-    if not world.main:
-        return
-    console.print(summary_table(results))
-    for r in results:
-        console.print(f"  {r['run_dir']}", highlight=False)
-    if len(results) > 1:
-        scores = matrix_scores(results)
-        if scores:
-            console.print(scores)
-
-
-def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int) -> None:
-    """`neobench run --resume RUN_ID`: continue an unfinished run as it was configured."""
-    from neobench.config import load_preset, validate
-    from neobench.distributed import launched_world
-    from neobench.experiment import execute, run_in_child, summary_table
-    from neobench.runs import unfinished_run
-    from neobench.stopping import STOP, STOPPED_EXIT
-
-    extra = sorted(k for k in given if k != "runs_dir")
-    method, variant, seeds, preset = choices
-    if extra or method or variant or seeds != 1 or preset != "smol-cpu":
-        what = extra[0].replace("_", "-") if extra else "method/variant/seeds/preset"
-        raise NeobenchError(f"--resume continues a run as it was configured; drop --{what} (only --runs-dir and --nproc go with it)")
-    tmp = unfinished_run(runs_dir, run)
-    cfg = validate(load_preset(str(tmp / "config.yaml")))
-    run_id = tmp.name.removeprefix(".tmp-")
-    world = launched_world()
-    if nproc > 1:
-        code = run_in_child(cfg, run_id, ("--resume", run_id, "--runs-dir", runs_dir), nproc=nproc, resolved=False)
-        if code != 0 and STOP.requested:  # its process 0 said what it kept
-            raise typer.Exit(STOPPED_EXIT)
-        if code != 0:
-            raise typer.Exit(code)
-        return
-    metrics = execute(cfg, run_id=run_id, resume=True)
-    if world.main:
-        console.print(summary_table([metrics]))
-        console.print(f"  {metrics['run_dir']} (resumed from step {metrics['resumed_from_step']})", highlight=False)
-
-
-def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
-    from neobench.experiment import execute
-
-    if optuna_trial is None:
-        execute(cfg, run_id=run_id)
-        return
-    import json
-
-    import optuna
-
-    from neobench.ablation import PRUNED_EXIT, trial_reporter
-
-    try:
-        execute(cfg, run_id=run_id, after_step=trial_reporter(json.loads(optuna_trial)))
-    except optuna.TrialPruned as pruned:
-        console.print(f"trial {cfg.trial}: {pruned}; its run was discarded", highlight=False)
-        raise typer.Exit(PRUNED_EXIT) from None
+    run_command(given, (method, variant, seeds, preset), protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial)
 
 
 def eval_flags(tasks, limit, num_fewshot, batch_size, chat_template) -> dict:
@@ -283,17 +160,9 @@ def eval_command(
     A run's scores go to RUN_DIR/evaluations/; --model results to the neobench
     cache (and --out).
     """
-    from neobench.experiment import evaluate_model, evaluate_run
+    from neobench.commands.evaluate import evaluate_command
 
-    if (run is None) == (model is None):
-        raise NeobenchError("give exactly one of --run RUN_ID or --model PATH_OR_ID")
-    flags = {k: v for k, v in eval_flags(tasks, limit, num_fewshot, batch_size, chat_template).items() if v is not None}
-    payload = evaluate_run(run, runs_dir, flags) if run else evaluate_model(model, preset, flags)
-    if out:
-        from neobench.evaluation import write_json_atomic
-
-        write_json_atomic(out, payload)
-        console.print(f"results written to {out}", highlight=False)
+    evaluate_command(run, model, preset, eval_flags(tasks, limit, num_fewshot, batch_size, chat_template), runs_dir, out)
 
 
 @app.command()
@@ -314,61 +183,9 @@ def export(
     tokenizer and chat template. Both carry a model card (README.md) with the
     run's scores, and the run's config.
     """
-    from neobench.export import export_run
+    from neobench.commands.evaluate import export_command
 
-    result = export_run(run, runs_dir, out, merged)
-    console.print(
-        f"exported {result['kind']} to {out}/: {len(result['files'])} files, {result['bytes'] / 2**20:.1f} MiB, "
-        f"{result['seconds']:.0f} s", highlight=False,
-    )
-
-
-PROTOCOLS = ("paper", "tuned")
-
-
-def not_done(cfgs: list) -> list:
-    """The planned runs that have no finished twin under their runs directory (--skip-done)."""
-    from neobench.labels import run_label
-    from neobench.runs import finished_like
-
-    todo = []
-    for cfg in cfgs:
-        twin = finished_like(cfg)
-        if twin is None:
-            todo.append(cfg)
-        else:
-            console.print(f"{run_label(cfg)} seed {cfg.seed}: already finished in {twin}", highlight=False)
-    return todo
-
-
-def tuned_configs(cfgs: list, given: dict) -> list:
-    """The planned runs with each method's lr_scale from the tune-lr study (see neobench.ablation)."""
-    import dataclasses
-
-    from neobench.ablation import tuned_lr_scales
-    from neobench.labels import label_of
-    from neobench.protocols import TUNING_STUDIES, study_for
-
-    if "lr_scale" in given:
-        raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
-    scales = tuned_lr_scales(cfgs[0].runs_dir)
-    tuned = []
-    for cfg in cfgs:
-        label = label_of(cfg.method, cfg.effective_variant(), None)
-        if label not in scales:
-            study = study_for(label, TUNING_STUDIES)
-            how = (f"run `neobench ablate {study}` to finish it" if study else
-                   "no shipped study searches it: copy ablations/tune-lr-variants.yaml with its method, and run that")
-            raise NeobenchError(
-                f"no tuning study has finished its search for {label} (they have chosen for: "
-                f"{', '.join(sorted(scales)) or 'none yet'}); {how}"
-            )
-        if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
-            tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
-    for label in dict.fromkeys(label_of(c.method, c.effective_variant(), None) for c in cfgs):
-        same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
-        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{same if scales[label] == 1.0 else ''}", highlight=False)
-    return tuned
+    export_command(run, runs_dir, out, merged)
 
 
 @app.command()
@@ -399,31 +216,9 @@ def ablate(
     Held-out NLL is reported every few steps, so a study with a median pruner
     stops poor trials early.
     """
-    import shlex
+    from neobench.commands.ablate import ablate_command
 
-    from neobench.ablation import load_spec, run_study, with_dtype, work
-    from neobench.ablation_report import export_studies, render
-    from neobench.config import RunConfig
-
-    spec = with_dtype(load_spec(study), dtype)
-    if worker:
-        work(spec, study_name or spec.name, storage, trials or spec.trials, runs_dir or RunConfig.runs_dir, worker)
-        return
-    command = "neobench ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    try:
-        the_study, storage_url = run_study(spec, trials, storage, workers, study_name, runs_dir, command)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: the unfinished trial is queued again; `neobench ablate {study}` continues the study")
-        raise typer.Exit(130) from None
-    if report_:
-        import json
-
-        from neobench.results import load_per_doc
-
-        per_doc = load_per_doc(runs_dir or spec.base_config().runs_dir)
-        for path in export_studies(storage_url, out, only=the_study.study_name, per_doc=per_doc):
-            for file in render(json.loads(path.read_text()), path.parent):
-                console.print(f"  {file}", highlight=False)
+    ablate_command(study, trials, storage, workers, study_name, runs_dir, report_, out, dtype, worker)
 
 
 @app.command()
@@ -451,118 +246,17 @@ def report(
     exactly. Only runs with one budget, one data hash and one config per method
     are compared; the others are listed as left out, with the reason.
     """
-    from neobench.report import FORMATS
-    from neobench.results import (
-        load_curves, load_per_doc, load_results, read_curves, read_per_doc, read_rows, replace_runs, run_dirs, tidy,
-        tidy_curves, tidy_per_doc, write_curves, write_per_doc, write_rows,
-    )
+    from neobench.commands.report import report_command
 
-    formats = tuple(f.strip() for f in format.split(",") if f.strip())
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise NeobenchError(f"unknown format {unknown[0] if unknown else format!r}; valid: {', '.join(FORMATS)}")
-    found = run_dirs(runs)
-    unscored = [d for d in found if not any((d / "evaluations").glob("*.json"))]
-    fresh = load_results(runs)
-    if preset:
-        fresh = fresh[fresh["preset"] == preset]
-    fresh_curves = load_curves(runs)
-    fresh_per_doc = load_per_doc(runs)
-    for name, rows in fresh.groupby("preset", sort=True):
-        path = out / name / "results.jsonl"
-        kept = path.is_file() and not replace
-        write_rows(replace_runs(read_rows(path) if kept else rows.iloc[0:0], rows, tidy), path)
-        curves = fresh_curves[fresh_curves["run_id"].isin(set(rows["run_id"]))]
-        curves_path = out / name / "curves.jsonl"
-        write_curves(replace_runs(read_curves(curves_path) if kept else curves.iloc[0:0], curves, tidy_curves), curves_path)
-        per_doc_path = out / name / "per_doc.csv"
-        per_doc = fresh_per_doc[fresh_per_doc["run_id"].isin(set(rows["run_id"]))]
-        write_per_doc(replace_runs(read_per_doc(per_doc_path) if kept else per_doc.iloc[0:0], per_doc, tidy_per_doc), per_doc_path)
-        console.print(f"collected {rows['run_id'].nunique()} runs of {name} from {runs}/", highlight=False)
-    presets = sorted(p.parent.name for p in out.glob("*/results.jsonl") if not preset or p.parent.name == preset)
-    if unscored:
-        how = unscored_hint(unscored, len(found), runs)
-        if not presets:
-            raise NeobenchError(f"{how}; nothing to report until one is scored")
-        console.print(f"[yellow]{how}[/yellow]", highlight=False)
-    if not presets:
-        raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
-    from neobench.ablation import STORAGE_FILE
-    from neobench.ablation_report import export_studies, render_all
-    from neobench.report import left_out_lines, render
-
-    for name in presets:
-        rows = read_rows(out / name / "results.jsonl")
-        students = rows[rows["model"] == "student"]
-        if len(students) and students["study"].notna().all():
-            console.print(f"[bold]{name}[/bold]: only ablation trials, no leaderboard tables", highlight=False)
-            continue
-        result = render(rows, name, out / name, formats, curves=read_curves(out / name / "curves.jsonl"),
-                        per_doc=read_per_doc(out / name / "per_doc.csv"))
-        console.print(f"[bold]{name}[/bold]: {len(result.files)} files in {out / name}/", highlight=False)
-        for line in left_out_lines(result.left_out, markdown=False):
-            console.print(f"  left out {line}", highlight=False, markup=False)
-    if (runs / STORAGE_FILE).is_file():  # studies run with the default storage beside these runs
-        export_studies(f"sqlite:///{(runs / STORAGE_FILE).resolve()}", out, per_doc=fresh_per_doc)
-    ablation_files = render_all(out, preset)
-    if ablation_files:
-        n = sum(f.suffix == ".md" for f in ablation_files)
-        console.print(f"ablations: {n} {'study' if n == 1 else 'studies'}, {len(ablation_files)} files in {out}/<preset>/ablations/", highlight=False)
-
-
-def unscored_hint(unscored: list[Path], found: int, runs: Path) -> str:
-    """One line: how many runs have no scores yet, why, and the command that scores them."""
-    some = "it has" if found == 1 else f"{len(unscored)} of them {'has' if len(unscored) == 1 else 'have'}"
-    which = "it" if len(unscored) == 1 else "each"
-    more = f" (and likewise the {len(unscored) - 1} others)" if len(unscored) > 1 else ""
-    return (
-        f"found {found} run{'s' if found != 1 else ''} under {runs}/, but {some} no evaluation yet "
-        f"(trained with --tasks none?); score {which} with `neobench eval --run {unscored[0]}`{more}, "
-        f"then run `neobench report --runs {runs}` again"
-    )
+    report_command(runs, out, format, preset, replace)
 
 
 @app.command("list")
 def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
     """List methods, adapter variants, losses, evaluation tasks, presets and ablation studies."""
-    from rich.table import Table
+    from neobench.commands.catalog import list_command
 
-    from neobench.adapters import VARIANTS
-    from neobench.config import PRESETS, RunConfig, field_docs
-    from neobench.evaluation import SUITE_ALIAS, TASKS
-    from neobench.losses import DIVERGENCES
-    from neobench.methods import METHODS
-
-    table = Table(title="neobench registries", title_justify="left")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("what it is")
-    for name, m in METHODS.items():
-        table.add_row("method", name, f"{m.description} [trains {m.trains}]")
-    for name in VARIANTS:
-        table.add_row("variant", name, VARIANTS.get(name).description)
-    for name in DIVERGENCES:
-        table.add_row("loss", name, DIVERGENCES.get(name).description)
-    for name, task in TASKS.items():
-        table.add_row("task", name, f"{task.description} [{', '.join(task.metrics)}]")
-    table.add_row("task", SUITE_ALIAS, "the neo_* tasks but neo_heldout_rougeL_sampled; any lm-eval task name also works")
-    for name, path in PRESETS.items():
-        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
-        table.add_row("preset", name, first)
-    from neobench.ablation import study_files
-
-    for name, path in study_files().items():
-        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
-        table.add_row("study", name, first)
-    console.print(table)
-    if fields:
-        docs = field_docs()
-        ftable = Table(title="config fields (preset YAML keys; --flag-name on the command line)", title_justify="left")
-        for col in ("field", "default", "meaning"):
-            ftable.add_column(col)
-        for name, value in RunConfig().to_dict().items():
-            ftable.add_row(name, repr(value), docs.get(name, ""))
-        console.print(ftable)
+    list_command(fields)
 
 
 @student_app.command("prune")
@@ -573,15 +267,9 @@ def student_prune(
     split: str = typer.Option("train", help="Split of the calibration data."),
 ):
     """Depth-prune the teacher to KEEP layers by block influence (cached; `--student pruned:KEEP` uses it)."""
-    import json
+    from neobench.commands.make import prune_command
 
-    from neobench.models import resolve_model
-    from neobench.prune import pruned_student_dir
-
-    out = pruned_student_dir(resolve_model(teacher), keep, data, split)
-    card = json.loads((out / "prune_card.json").read_text())
-    console.print(f"kept layers {card['kept_layers']} ({card['parameters'] / 1e6:.1f}M parameters)")
-    console.print(f"student written to {out}")
+    prune_command(keep, teacher, data, split)
 
 
 @data_app.command("synth")
@@ -594,14 +282,9 @@ def data_synth(
     batch_size: int = typer.Option(48, help="Sequences generated at once."),
 ):
     """Synthesize instruction/response pairs from the teacher with Magpie (resumable)."""
-    from neobench.progress import CountProgress
-    from neobench.synth import SynthConfig, packaged_dataset, synthesize
+    from neobench.commands.make import synth_command
 
-    cfg = SynthConfig(teacher=teacher, n_train=n_train, n_heldout=n_heldout, seed=seed, batch_size=batch_size)
-    out = out or packaged_dataset()
-    with CountProgress("synthesizing") as progress:
-        card = synthesize(cfg, out, progress)
-    console.print(f"wrote {card['files']['train.jsonl']['rows']} train + {card['files']['heldout.jsonl']['rows']} held-out rows to {out}")
+    synth_command(out, teacher, n_train, n_heldout, seed, batch_size)
 
 
 def quiet_libraries() -> None:

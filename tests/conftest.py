@@ -109,7 +109,7 @@ def tiny_cfg(tiny, tmp_path):
     fp32 on every CPU: `auto` would pick bf16 where it is native (AVX-512 BF16, AMX), and the tests
     built on this config state fp32 exactness (accumulation, processes, exports); bf16 has tests of
     its own that ask for it."""
-    from neobench.config import RunConfig
+    from neobench.runs.config import RunConfig
 
     return RunConfig(
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),

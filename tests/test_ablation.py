@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neobench.ablation import PRUNERS, SAMPLERS, load_spec, parse_spec, study_files, with_dtype
-from neobench.errors import NeobenchError
+from neobench.ablation.samplers import PRUNERS, SAMPLERS
+from neobench.ablation.spec import load_spec, parse_spec, study_files, with_dtype
+from neobench.core.errors import NeobenchError
 
 
 def neobench(*args, cwd=None, **kwargs):
@@ -235,8 +236,9 @@ def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tin
 
     import optuna
 
-    from neobench.ablation import create_study, trial_reporter
-    from neobench.train import build_student, prepare
+    from neobench.ablation.storage import create_study
+    from neobench.ablation.trial import trial_reporter
+    from neobench.training.loop import build_student, prepare
 
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump(dataclasses.replace(tiny_cfg, eval_tasks="neo_heldout_nll").to_dict()))
@@ -258,7 +260,7 @@ def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tin
 
 
 def test_committed_ablations_regenerate_byte_for_byte(tmp_path):
-    from neobench.ablation_report import render
+    from neobench.reporting.ablations import render
 
     repo = Path(__file__).resolve().parent.parent
     exports = sorted((repo / "leaderboards").glob("*/ablations/*.trials.json"))
@@ -274,7 +276,7 @@ def test_rendering_a_study_leaves_matplotlibs_style_alone(tmp_path):
     """Optuna's plots switch to the ggplot style; the leaderboard plots drawn after must not change."""
     import matplotlib
 
-    from neobench.ablation_report import render
+    from neobench.reporting.ablations import render
 
     export = {"study": "s", "direction": "minimize", "attrs": {}, "trials": [
         {"number": i, "state": "COMPLETE", "value": float(i), "params": {"rank": 2 ** i}, "intermediate": {"1": float(i)},
@@ -291,7 +293,8 @@ def test_rendering_a_study_leaves_matplotlibs_style_alone(tmp_path):
 def test_every_worker_of_a_grid_study_reads_grid_ids_alike(tiny_preset, tmp_path):
     """A grid sampler shuffles the grid with its seed; workers with different seeds would give one
     grid id different points, so two workers could train the same point and skip another."""
-    from neobench.ablation import create_study, load_spec, load_study
+    from neobench.ablation.spec import load_spec
+    from neobench.ablation.storage import create_study, load_study
 
     spec = load_spec(str(write_study(tmp_path, "g", tiny_preset, space={"rank": {"type": "int", "low": 2, "high": 64, "log": True, "grid": [2, 4, 8, 16, 32, 64]}})))
     url = f"sqlite:///{tmp_path / 'g.db'}"
@@ -303,8 +306,9 @@ def test_every_worker_of_a_grid_study_reads_grid_ids_alike(tiny_preset, tmp_path
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_diverged_trial_is_failed_with_its_reason_and_never_run_again(tiny_preset, tmp_path, monkeypatch):
     """The trial process exits 4 (diverged) and leaves failure.json: FAIL, reason kept, no retry."""
-    from neobench.ablation import create_study, work
-    from neobench.errors import DIVERGED_EXIT
+    from neobench.ablation.storage import create_study
+    from neobench.ablation.worker import work
+    from neobench.core.errors import DIVERGED_EXIT
 
     launched = []
 
@@ -315,7 +319,7 @@ def test_a_diverged_trial_is_failed_with_its_reason_and_never_run_again(tiny_pre
         (unfinished / "failure.json").write_text(json.dumps({"reason": "diverged", "message": f"rank {cfg.rank} diverged at step 3"}))
         return DIVERGED_EXIT
 
-    monkeypatch.setattr("neobench.experiment.run_in_child", diverging_run)
+    monkeypatch.setattr("neobench.runs.experiment.run_in_child", diverging_run)
     spec = load_spec(str(write_study(tmp_path, "nan", tiny_preset, trials=2, space={"rank": {"type": "int", "low": 2, "high": 8, "grid": [2, 8]}})))
     storage = f"sqlite:///{tmp_path / 'nan.db'}"
     create_study(spec, "nan", storage, "minimize", "test")
@@ -337,7 +341,7 @@ def test_a_study_may_not_select_on_the_test_split(tiny_preset, tmp_path):
 
 
 def test_tuning_reads_only_validation_documents_and_the_tuned_protocol_uses_its_choice(tiny, tmp_path, cli):
-    from neobench.evaluation import EvalSpec, load_tasks
+    from neobench.evaluation.catalog import EvalSpec, load_tasks
 
     # Held-out data in two splits (distinct prompts), and a preset that scores the test split...
     from conftest import tiny_rows
@@ -410,9 +414,10 @@ def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(
 
     import optuna
 
-    from neobench.ablation import TUNING_STUDIES, tuned_lr_scales
-    from neobench.cli import tuned_configs
-    from neobench.config import load_preset
+    from neobench.ablation.protocol import TUNING_STUDIES
+    from neobench.ablation.tuned import tuned_lr_scales
+    from neobench.commands.run import tuned_configs
+    from neobench.runs.config import load_preset
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -450,7 +455,7 @@ def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(
 
 def test_a_contour_is_drawn_over_numeric_parameters_only(tmp_path):
     """Interpolating between unordered categories (method, variant) draws a surface that means nothing."""
-    from neobench.ablation_report import render
+    from neobench.reporting.ablations import render
 
     scale = {"name": "FloatDistribution", "attributes": {"low": 0.1, "high": 10.0, "log": True, "step": None}}
     method = {"name": "CategoricalDistribution", "attributes": {"choices": ["lora", "neo"]}}
@@ -470,8 +475,8 @@ def test_a_contour_is_drawn_over_numeric_parameters_only(tmp_path):
 
 
 def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
-    from neobench.ablation_report import objective_per_doc, render
-    from neobench.results import tidy_per_doc
+    from neobench.reporting.ablations import objective_per_doc, render
+    from neobench.runs.results import tidy_per_doc
 
     # Per-document scores of the trials' runs, as load_per_doc reads them; trial 2 has two seeds.
     rows = [{"preset": "p", "run_id": run, "task": "t", "metric": "nll", "doc": f"d{i}", "value": v}

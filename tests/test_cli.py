@@ -10,7 +10,7 @@ import pytest
 from conftest import kill_tree
 import yaml
 
-from neobench.experiment import execute
+from neobench.runs.experiment import execute
 
 
 def neobench(*args, env=None, cwd=None):
@@ -50,8 +50,8 @@ def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path, c
 
 
 def test_variant_alone_runs_llm_neo():
-    from neobench.config import load_preset
-    from neobench.experiment import plan
+    from neobench.runs.config import load_preset
+    from neobench.runs.experiment import plan
 
     (cfg,) = plan(load_preset("smol-cpu"), None, "rslora")
     assert (cfg.method, cfg.variant, cfg.loss) == ("neo", "rslora", "forward_kl")
@@ -77,12 +77,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message, cli, mon
 
 
 def test_a_run_that_dies_leaves_nothing_behind(tiny_cfg, monkeypatch):
-    import neobench.train
+    import neobench.training.loop
 
     def explode(*args, **kwargs):
         raise RuntimeError("killed mid-run")
 
-    monkeypatch.setattr(neobench.train, "train", explode)
+    monkeypatch.setattr(neobench.training.loop, "train", explode)
     with pytest.raises(RuntimeError):
         execute(dataclasses.replace(tiny_cfg, method="sft"))
     runs_dir = tiny_cfg.runs_dir
@@ -100,7 +100,7 @@ def test_list_shows_every_registry(cli):
 def test_shipped_data_matches_its_card():
     import hashlib
 
-    from neobench.synth import packaged_dataset
+    from neobench.data.synth import packaged_dataset
 
     root = packaged_dataset()
     card = json.loads((root / "datacard.json").read_text())
@@ -114,7 +114,7 @@ def test_shipped_data_matches_its_card():
     assert not train & heldout, "held-out prompts must not appear in training"
 
 
-# Each moment of a run where a stop signal can land, injected there (neobench.stopping.signal_point):
+# Each moment of a run where a stop signal can land, injected there (neobench.core.stopping.signal_point):
 # (injection, extra flags, the line it must print, what the runs directory keeps).
 STOP_MOMENTS = [
     ("sigint-at:setup", [], "stopped before step 1; the unfinished run was discarded (nothing trained yet)", "nothing"),
@@ -222,7 +222,7 @@ def test_a_second_signal_stops_at_once_and_every_signal_reaches_the_run_process(
     processes), a later one stops at once, and after that signals are ignored while the clean-up runs."""
     import signal
 
-    from neobench import stopping
+    from neobench.core import stopping
 
     class Child:
         def __init__(self):
@@ -262,7 +262,7 @@ def test_a_forked_child_dies_of_sigterm_as_its_parent_expects():
     child stuck in a lock (where no Python handler can run) dies of it."""
     import signal
 
-    from neobench.stopping import StopRequest
+    from neobench.core.stopping import StopRequest
 
     request = StopRequest()
     read_end, write_end = os.pipe()
@@ -287,7 +287,7 @@ def test_messages_stay_one_line_in_a_log_and_tables_keep_their_layout(capfd):
     """Outside a terminal a message is written whole, whatever its length; a table still fits 80 columns."""
     from rich.table import Table
 
-    from neobench.progress import console
+    from neobench.core.progress import console
 
     path = "/tmp/" + "/".join(["a-directory-with-a-long-name"] * 6)
     console.print(f"interrupted; finished runs stay in {path}/ (24 truncated)")
@@ -367,7 +367,7 @@ def test_skip_done_finds_a_finished_twin_by_its_whole_configuration(tiny_cfg, tm
 
     import yaml
 
-    from neobench.runs import finished_like
+    from neobench.runs.store import finished_like
 
     cfg = dataclasses.replace(tiny_cfg, method="neo", eval_tasks="neo_heldout_nll")
     run = Path(cfg.runs_dir) / "tiny-neo-lora-s0-1"

@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 
-from neobench.config import PRESETS, RunConfig, apply_overrides, load_preset, validate
-from neobench.errors import NeobenchError
-from neobench.experiment import plan
-from neobench.models import resolve_model
-from neobench.prune import block_influence, parse_pruned_spec, pruned_student_dir
-from neobench.train import prepare
+from neobench.core.errors import NeobenchError
+from neobench.models.loading import resolve_model
+from neobench.runs.config import PRESETS, RunConfig, apply_overrides, load_preset, validate
+from neobench.runs.experiment import plan
+from neobench.training.loop import prepare
+from neobench.training.prune import block_influence, parse_pruned_spec, pruned_student_dir
 
 
 @pytest.mark.parametrize("name", PRESETS.names())
@@ -137,8 +137,8 @@ def test_pruning_is_deterministic_and_keeps_the_most_influential_layers(tiny, tm
 def test_block_influence_of_an_identity_layer_is_zero(tiny):
     import torch
 
-    from neobench.data import collate, load_training_data
-    from neobench.models import load_causal_lm, load_tokenizer
+    from neobench.data.examples import collate, load_training_data
+    from neobench.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(str(tiny["teacher"]), torch.float32, "cpu")
     layer = model.model.layers[1]
@@ -152,7 +152,7 @@ def test_block_influence_of_an_identity_layer_is_zero(tiny):
 
 
 def test_registry_refuses_duplicates_and_lists_valid_names_on_a_miss():
-    from neobench.registry import Registry
+    from neobench.core.registry import Registry
 
     colours = Registry[int]("colour")
     colours.add("red", 1)

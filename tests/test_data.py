@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from neobench.data import encode_chat, example_order, load_rows, to_messages, tokenize_rows
-from neobench.synth import PACKAGED_DATA_DIR
-from neobench.errors import NeobenchError
-from neobench.losses import IGNORE_INDEX
-from neobench.models import load_tokenizer
+from neobench.core.errors import NeobenchError
+from neobench.data.examples import encode_chat, example_order, load_rows, to_messages, tokenize_rows
+from neobench.data.synth import PACKAGED_DATA_DIR
+from neobench.models.loading import load_tokenizer
+from neobench.training.losses import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,9 @@ def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path, cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from neobench.config import load_preset
-    from neobench.export import export_run
-    from neobench.train import WEIGHTS_FILE, load_trained_student, prepare
+    from neobench.runs.config import load_preset
+    from neobench.runs.export import export_run
+    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
 
     export_run(run.name, str(tmp_path / "runs"), tmp_path / "student")
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "student" / "base_model"), dtype=torch.float32)
@@ -62,11 +62,11 @@ def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
 
     import torch
 
-    from neobench.adapters import VARIANTS
-    from neobench.config import load_preset, validate
-    from neobench.data import collate
-    from neobench.methods import METHODS, objective
-    from neobench.train import build_student, group_by_length, prepare, train
+    from neobench.data.examples import collate
+    from neobench.models.adapters import VARIANTS
+    from neobench.runs.config import load_preset, validate
+    from neobench.training.loop import build_student, group_by_length, prepare, train
+    from neobench.training.methods import METHODS, objective
 
     cfg = validate(dataclasses.replace(load_preset("smol-cpu"), max_steps=1, batch_size=2, grad_accum=1, max_examples=16,
                                        seq_len=128, eval_tasks="none", dtype="float32", minillm_max_new_tokens=8))
@@ -79,7 +79,7 @@ def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
         log, record = trained.log, trained.record
         assert record["budget"]["steps"] == 1 and torch.isfinite(torch.tensor(log[0]["loss"])), (method, variant)
         if method in ("kd", "neo") and variant in (None, "lora"):
-            from neobench.data import example_order
+            from neobench.data.examples import example_order
 
             picks = example_order(len(ws.data.examples), cfg.batch_size * cfg.grad_accum, cfg.seed)
             lengths = [len(ex.input_ids) for ex in ws.data.examples]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from neobench.errors import NeobenchError
-from neobench.evaluation import SUITE, TASKS, EvalSpec, evaluate, load_tasks, model_evaluation, parse_task_list
-from neobench.suite import heldout_pairs, match_docs, pydoc_windows, response_opening
+from neobench.core.errors import NeobenchError
+from neobench.evaluation.catalog import SUITE, TASKS, EvalSpec, load_tasks, parse_task_list
+from neobench.evaluation.harness import evaluate, model_evaluation
+from neobench.evaluation.suite import heldout_pairs, match_docs, pydoc_windows, response_opening
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_standard_tasks_are_checked_in_one_line_missing_data_and_typos(tiny, tmp
 
 
 def test_a_run_stores_student_and_reference_scores(tiny_cfg):
-    from neobench.experiment import evaluate_run, execute
+    from neobench.runs.experiment import evaluate_run, execute
 
     cfg = dataclasses.replace(tiny_cfg, method="neo", variant="moslora", eval_tasks="neo_suite", eval_limit=4)
     metrics = execute(cfg)
@@ -191,7 +192,7 @@ def test_rouge_answer_is_cut_at_the_end_of_turn_and_scored_like_rouge_score(tiny
 
 
 def test_rouge_answer_that_never_stops_hits_the_cap(tiny):
-    from neobench.suite import ROUGE_MAX_NEW_TOKENS
+    from neobench.evaluation.suite import ROUGE_MAX_NEW_TOKENS
 
     student, tokenizer = load(tiny["student"])
     word = tokenizer(" word", add_special_tokens=False)["input_ids"]
@@ -204,8 +205,8 @@ def test_rouge_answer_that_never_stops_hits_the_cap(tiny):
 def test_greedy_rouge_is_deterministic_and_the_task_files_agree_with_the_caps(tiny):
     import yaml
 
-    from neobench.evaluation import TASK_DIR
-    from neobench.suite import ROUGE_MAX_NEW_TOKENS
+    from neobench.evaluation.catalog import TASK_DIR
+    from neobench.evaluation.suite import ROUGE_MAX_NEW_TOKENS
 
     student, tokenizer = load(tiny["student"])
     taskset = load_tasks(dataclasses.replace(rouge_spec(tiny), limit=2), str(tiny["student"]))

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from neobench.errors import NeobenchError
-from neobench.experiment import execute
-from neobench.export import BASE_DIR, export_run
+from neobench.core.errors import NeobenchError
+from neobench.runs.experiment import execute
+from neobench.runs.export import BASE_DIR, export_run
 
 
 def run_of(tiny_cfg, method: str, variant, **changes) -> str:
@@ -31,8 +31,8 @@ def tokens(tiny):
 
 def students_logits(tiny_cfg, run_id: str, ids) -> torch.Tensor:
     """Logits of the run's student as neobench rebuilds it from the stored weights."""
-    from neobench.config import load_preset
-    from neobench.train import WEIGHTS_FILE, load_trained_student, prepare
+    from neobench.runs.config import load_preset
+    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
 
     run_dir = f"{tiny_cfg.runs_dir}/{run_id}"
     cfg = load_preset(f"{run_dir}/config.yaml")
@@ -104,10 +104,10 @@ def test_lm_eval_cli_scores_a_merged_export_as_neobench_did(tiny, tiny_cfg, tmp_
     run_id = run_of(tiny_cfg, "lora", "lora", eval_tasks="neo_heldout_nll", eval_limit=4)
     out = tmp_path / "merged"
     export_run(run_id, tiny_cfg.runs_dir, out, merged=True)
-    from neobench.export import student_scores
+    from neobench.runs.export import student_scores
 
     stored = {r["metric"]: r["value"] for r in student_scores(Path(tiny_cfg.runs_dir) / run_id)}
-    tasks = Path(__file__).resolve().parent.parent / "neobench" / "tasks"
+    tasks = Path(__file__).resolve().parent.parent / "neobench" / "evaluation" / "tasks"
     result = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--include_path", str(tasks), "--tasks", "neo_heldout_nll", "--model", "hf",
          "--model_args", f"pretrained={out},dtype=float32", "--device", "cpu", "--apply_chat_template", "--limit", "4",
@@ -153,7 +153,7 @@ def test_log_to_tensorboard_writes_the_train_log_as_events(tiny_cfg):
 def test_log_to_without_its_package_fails_before_training_in_one_line(tiny_cfg, monkeypatch):
     import importlib.util
 
-    from neobench.config import validate
+    from neobench.runs.config import validate
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))

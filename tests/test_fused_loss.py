@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neobench.errors import NeobenchError
-from neobench.fused_loss import LogitHead, LossSpec, TeacherHidden, check_head, fused_loss
-from neobench.losses import DIVERGENCES, TeacherLogProbs, distillation_loss
+from neobench.core.errors import NeobenchError
+from neobench.training.fused_loss import LogitHead, LossSpec, TeacherHidden, check_head, fused_loss
+from neobench.training.losses import DIVERGENCES, TeacherLogProbs, distillation_loss
 
 N, H, H_T, V, V_PADDED = 23, 12, 20, 40, 44
 PARAMS = {"jsd": 0.3, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.2}
@@ -42,7 +42,7 @@ def make_case(dtype, teacher_kind, temperature, *, bias=True, seed=0, neg_inf=Fa
 
 
 def reference(hidden, weight, bias, targets, reference_teacher, spec):
-    """The materialised computation: full logits, then neobench.losses."""
+    """The materialised computation: full logits, then neobench.training.losses."""
     logits = hidden @ weight.t() + (bias if bias is not None else 0)
     z = logits[:, :V]
     ce = F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), targets, reduction="sum")
@@ -153,8 +153,8 @@ def test_teacher_minus_inf_logits_give_exact_divergences(name, teacher_kind):
 
 
 def test_an_infinite_loss_is_reported_with_the_finite_options():
-    from neobench.config import RunConfig
-    from neobench.train import divergence_message
+    from neobench.runs.config import RunConfig
+    from neobench.training.loop import divergence_message
 
     line = divergence_message(RunConfig(method="neo", loss="reverse_kl"), 3, math.inf, 1.0, (2, 1.25))
     assert line.startswith("neo+lora seed 0 diverged at step 3: loss inf; last finite loss 1.2500 at step 2; no result stored")
@@ -164,7 +164,7 @@ def test_an_infinite_loss_is_reported_with_the_finite_options():
 
 
 def _rss_peak_growth(fn) -> int:
-    from neobench.train import PeakMemory
+    from neobench.training.memory import PeakMemory
 
     with PeakMemory("cpu") as memory:
         if memory.kind != "rss":
@@ -203,12 +203,12 @@ def test_no_full_logits_tensor_is_ever_allocated():
 
 def test_tied_head_step_equals_the_materialised_objective(tiny):
     """Through the real tiny models: loss and every parameter's gradient, tied embedding included."""
-    from neobench.config import RunConfig
-    from neobench.data import collate
-    from neobench.losses import next_token_targets
-    from neobench.methods import METHODS, objective
-    from neobench.distributed import ScoredHidden
-    from neobench.train import build_student, offline_objective, prepare
+    from neobench.data.examples import collate
+    from neobench.runs.config import RunConfig
+    from neobench.training.distributed import ScoredHidden
+    from neobench.training.loop import build_student, offline_objective, prepare
+    from neobench.training.losses import next_token_targets
+    from neobench.training.methods import METHODS, objective
 
     for method, variant in (("kd", None), ("neo", "dora")):
         cfg = RunConfig(preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
@@ -236,7 +236,7 @@ def test_tied_head_step_equals_the_materialised_objective(tiny):
 
 
 def test_a_head_that_does_not_explain_the_logits_is_refused(tiny):
-    from neobench.models import load_causal_lm
+    from neobench.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny["student"]), torch.float32, "cpu")
     head = LogitHead.of(model, tiny["vocab"])
@@ -247,7 +247,7 @@ def test_a_head_that_does_not_explain_the_logits_is_refused(tiny):
 
 
 def test_logit_transforms_are_read_from_the_config(tiny):
-    from neobench.models import load_causal_lm
+    from neobench.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny["student"]), torch.float32, "cpu")
     model.config.final_logit_softcapping = 30.0
@@ -261,7 +261,7 @@ def test_logit_transforms_are_read_from_the_config(tiny):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bf16_only_where_it_is_native(native, monkeypatch):
-    from neobench import precision
+    from neobench.models import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     assert precision.pick_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
@@ -273,7 +273,7 @@ def test_auto_dtype_is_bf16_only_where_it_is_native(native, monkeypatch):
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
-    from neobench import precision
+    from neobench.models import precision
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
@@ -288,14 +288,14 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
 
 @pytest.mark.parametrize("name,message", [("float16", "not supported.*use bfloat16"), ("fp8", "unknown dtype 'fp8'")])
 def test_bad_dtypes_fail_in_one_line(name, message):
-    from neobench.config import RunConfig, validate
+    from neobench.runs.config import RunConfig, validate
 
     with pytest.raises(NeobenchError, match=message):
         validate(RunConfig(dtype=name))
 
 
 def test_a_bf16_run_keeps_fp32_masters_and_a_bf16_teacher(tiny_cfg):
-    from neobench.train import prepare, train
+    from neobench.training.loop import prepare, train
 
     for method, variant in (("kd", None), ("neo", "lora")):
         cfg = dataclasses.replace(tiny_cfg, method=method, variant=variant, dtype="bfloat16", max_steps=2)

@@ -1,8 +1,12 @@
-"""The package's imports form no cycle, function-level imports included.
+"""The package's layout: its imports form no cycle and point down the pipeline's stages only.
 
 A cycle hidden in a function-level import still ties two modules into one: neither can be read,
 tested or moved without the other. The graph is read from the source (ast), so an import only
-reached at run time counts as much as one at the top of a module.
+reached at run time counts as much as one at the top of a module. Imports under
+``if TYPE_CHECKING:`` are left out: they are never executed, and only name a type for readers.
+
+The stages, in the order data flows through them (README, Layout): a module may import its own
+stage and the stages before it, never one after it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "neobench"
+STAGES = ["core", "models", "data", "training", "evaluation", "runs", "ablation", "reporting", "commands", "cli"]
+TOP_LEVEL_STAGE = {"neobench": "core", "neobench.cli": "cli", "neobench.__main__": "cli", "neobench.results": "runs"}
+"""Modules outside the stage subpackages: the package itself, the command line, and
+neobench.results, the README's `load_results` kept at its documented name."""
+MAX_LINES = 500
 
 
 def module_name(path: Path) -> str:
@@ -23,7 +32,7 @@ def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in executed_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "neobench":
                 for alias in node.names:  # `from neobench import x` names the module neobench.x
                     target = f"{node.module}.{alias.name}"
@@ -32,6 +41,30 @@ def import_graph() -> dict[str, set[str]]:
                 graph[name] |= {a.name for a in node.names if a.name.split(".")[0] == "neobench"}
         graph[name] &= set(modules) - {name, "neobench"}
     return graph
+
+
+def executed_nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *executed_nodes(child)])
+            continue
+        yield node
+        yield from executed_nodes(node)
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    return TOP_LEVEL_STAGE[module] if len(parts) == 1 or module in TOP_LEVEL_STAGE else parts[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """"importer -> imported (stage -> later stage)" for every import that points up the stages."""
+    rank = {stage: i for i, stage in enumerate(STAGES)}
+    return [
+        f"{a} -> {b} ({stage_of(a)} -> {stage_of(b)})"
+        for a in sorted(graph) for b in sorted(graph[a]) if rank[stage_of(b)] > rank[stage_of(a)]
+    ]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -59,8 +92,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"neobench.train", "neobench.config", "neobench.report", "neobench.ablation"} <= set(graph)
-    assert "neobench.optimizers" in graph["neobench.config"], "function-level imports are read too"
+    assert {"neobench.training.loop", "neobench.runs.config", "neobench.reporting.leaderboard", "neobench.ablation.worker"} <= set(graph)
+    assert "neobench.training.optimizers" in graph["neobench.runs.config"], "function-level imports are read too"
     cycle = find_cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
@@ -71,3 +104,38 @@ def test_a_cycle_through_a_function_level_import_is_found():
     assert find_cycle(graph) == ["a.config", "a.train", "a.config"]
     graph["a.train"].discard("a.config")
     assert find_cycle(graph) == []
+
+
+def test_every_module_belongs_to_a_stage_and_imports_only_down():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if stage_of(m) not in STAGES)
+    assert not unplaced, f"modules outside every stage (move them into one, or add them to TOP_LEVEL_STAGE): {unplaced}"
+    assert not upward_imports(graph), "imports that point up the stages:\n" + "\n".join(upward_imports(graph))
+
+
+def test_an_upward_import_is_found_and_a_type_only_one_is_not():
+    """The checker itself: training importing runs points up, unless only under TYPE_CHECKING."""
+    assert upward_imports({"neobench.training.loop": {"neobench.runs.config"}, "neobench.runs.config": set()}) == [
+        "neobench.training.loop -> neobench.runs.config (training -> runs)"
+    ]
+    assert upward_imports({"neobench.runs.config": {"neobench.training.methods"}, "neobench.training.methods": set()}) == []
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\nimport c\n")
+    imported = {alias.name for node in executed_nodes(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert imported == {"b", "c"}
+
+
+def test_no_module_is_over_the_line_limit():
+    """A module longer than this holds more than one idea: split it by responsibility."""
+    lengths = {p.relative_to(PACKAGE.parent).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert not {path: n for path, n in lengths.items() if n > MAX_LINES}
+
+
+def test_the_readme_layout_names_every_module():
+    """Docs follow the code: the README's Layout lists every stage and every module in it."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    files = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.parent.name != "tasks"]
+    stages = [p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    missing = [f"{p.parent.name}/{p.name}" for p in files if f" {p.name} " not in layout]
+    missing += [f"{name}/" for name in stages if f"  {name}/ " not in layout]
+    assert not missing, f"README's Layout does not name: {missing}"

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from neobench.losses import IGNORE_INDEX, cross_entropy, forward_kl, next_token_targets
-from neobench.methods import METHODS, objective
+from neobench.training.losses import IGNORE_INDEX, cross_entropy, forward_kl, next_token_targets
+from neobench.training.methods import METHODS, objective
 
 
 def softmax(row, t=1.0):
@@ -84,7 +84,7 @@ def test_objective_mixes_ce_and_kd_on_response_tokens_only():
 
 # --- the divergence family ----------------------------------------------------------------------
 
-from neobench.losses import DIVERGENCES, distillation_loss, token_divergence  # noqa: E402
+from neobench.training.losses import DIVERGENCES, distillation_loss, token_divergence  # noqa: E402
 
 
 def kl(p, q):
@@ -175,7 +175,7 @@ def test_divergence_gradients_pass_gradcheck(name):
 
 @pytest.mark.parametrize("name", sorted(HAND))
 def test_top_k_with_k_equal_to_the_vocabulary_equals_dense(name):
-    from neobench.losses import TeacherLogProbs
+    from neobench.training.losses import TeacherLogProbs
 
     torch.manual_seed(5)
     s, t = torch.randn(6, 11), torch.randn(6, 11)
@@ -199,7 +199,7 @@ def test_top_k_with_k_equal_to_the_vocabulary_equals_dense(name):
 
 
 def test_top_k_of_a_peaked_teacher_approximates_dense():
-    from neobench.losses import TeacherLogProbs
+    from neobench.training.losses import TeacherLogProbs
 
     torch.manual_seed(6)
     s, t = torch.randn(8, 50), torch.randn(8, 50) * 6  # most mass on a few tokens

@@ -60,12 +60,12 @@ class Reached(Exception):
 
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
-    "run": ["neobench.experiment.execute_many", "neobench.experiment.execute", "neobench.cli.resume_run",
-            "neobench.ablation.tuned_lr_scales"],
-    "eval": ["neobench.experiment.evaluate_run", "neobench.experiment.evaluate_model"],
-    "report": ["neobench.results.load_results"],
-    "ablate": ["neobench.ablation.run_study"],
-    "export": ["neobench.export.export_run"],
+    "run": ["neobench.runs.experiment.execute_many", "neobench.runs.experiment.execute", "neobench.commands.run.resume_run",
+            "neobench.ablation.tuned.tuned_lr_scales"],
+    "eval": ["neobench.runs.experiment.evaluate_run", "neobench.runs.experiment.evaluate_model"],
+    "report": ["neobench.runs.results.load_results"],
+    "ablate": ["neobench.ablation.worker.run_study"],
+    "export": ["neobench.runs.export.export_run"],
 }
 
 
@@ -123,7 +123,7 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from neobench.cli import app
-    from neobench.errors import NeobenchError
+    from neobench.core.errors import NeobenchError
 
     def run_in_this_process(cfg, run_id, extra_args=(), nproc=1, resolved=True):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=tmp_path, delete=False) as f:
@@ -135,7 +135,7 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
             return 2
         return code if isinstance(code, int) else 0
 
-    monkeypatch.setattr("neobench.experiment.run_in_child", run_in_this_process)
+    monkeypatch.setattr("neobench.runs.experiment.run_in_child", run_in_this_process)
     monkeypatch.chdir(tmp_path)
     preset = tmp_path / "tiny.yaml"
     preset.write_text(yaml.safe_dump({

@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from neobench.report import FORMATS, interval, render, select_comparable
-from neobench.results import COLUMNS, load_curves, load_results, read_curves, read_per_doc, read_rows, write_rows
+from neobench.reporting.formats import FORMATS
+from neobench.reporting.leaderboard import render
+from neobench.reporting.selection import interval, select_comparable
+from neobench.runs.results import COLUMNS, load_curves, load_results, read_curves, read_per_doc, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SCORES = {  # (task, metric): (untrained, teacher, higher_is_better)
@@ -205,7 +207,7 @@ def test_crowded_points_get_labels_that_overlap_nothing():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neobench.report import label_points
+    from neobench.reporting.plots import label_points
 
     # The collisions of the old plots: near-equal points with long labels.
     points = [(2.93, 23.4, "lora+dora"), (2.95, 23.0, "neo (jsd)"), (2.96, 23.3, "neo"), (2.98, 23.3, "neo+moslora"),
@@ -229,7 +231,8 @@ def test_committed_plots_label_every_point_apart():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neobench.report import SCATTERS, headline_metrics, row_labels, scatter
+    from neobench.reporting.plots import SCATTERS, scatter
+    from neobench.reporting.selection import headline_metrics, row_labels
 
     rows_file = REPO / "leaderboards" / "smol-cpu" / "results.jsonl"
     sel = select_comparable(read_rows(rows_file))
@@ -282,8 +285,8 @@ def paired_matrix(tmp_path):
 
 
 def test_every_student_is_compared_with_lora_and_kd_on_the_same_documents(paired_matrix, tmp_path):
-    from neobench.paired import compare, holm
-    from neobench.results import load_per_doc
+    from neobench.evaluation.paired import compare, holm
+    from neobench.runs.results import load_per_doc
 
     per_doc = load_per_doc(paired_matrix)
     assert len(per_doc) == 12 * len(DOC_DIFFICULTY)
@@ -310,7 +313,7 @@ def test_every_student_is_compared_with_lora_and_kd_on_the_same_documents(paired
 
 
 def test_the_tuned_protocol_takes_each_methods_best_validation_rate_and_never_mixes(paired_matrix, tmp_path):
-    from neobench.results import load_per_doc
+    from neobench.runs.results import load_per_doc
 
     # The tune-lr study: validation NLL per (method, lr_scale); lora is best at 3.16, neo at 1.
     validation = {("sft", 1.0): 5.0, ("sft", 3.16): 4.9, ("lora", 1.0): 4.6, ("lora", 3.16): 4.4,
@@ -348,7 +351,7 @@ def test_the_tuned_protocol_takes_each_methods_best_validation_rate_and_never_mi
 
 
 def test_the_variants_study_tunes_each_adapter_variant_for_the_tuned_variants_table(paired_matrix, tmp_path):
-    from neobench.results import load_per_doc
+    from neobench.runs.results import load_per_doc
 
     n = 0
     for method, variant in [("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora")]:  # tune-lr: every method best at 1

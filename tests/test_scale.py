@@ -12,8 +12,8 @@ from conftest import kill_tree
 import torch
 from safetensors.torch import load_file
 
-from neobench.config import RunConfig
-from neobench.train import prepare, train
+from neobench.runs.config import RunConfig
+from neobench.training.loop import prepare, train
 
 HERE = Path(__file__).parent
 TIME_FIELDS = {"elapsed_s", "tokens_per_s"}
@@ -78,8 +78,8 @@ def test_two_processes_train_what_one_process_trains(two_process_runs, tiny, tmp
 
 
 def test_a_two_process_run_is_written_once_and_reported_as_the_same_budget(two_process_runs, tiny, tmp_path):
-    from neobench.experiment import execute
-    from neobench.results import load_results
+    from neobench.runs.experiment import execute
+    from neobench.runs.results import load_results
 
     runs = two_process_runs / "runs"
     assert [p.name for p in runs.iterdir()] == ["whole-run"], "rank 0 alone writes the run"
@@ -98,7 +98,7 @@ def test_a_two_process_run_is_written_once_and_reported_as_the_same_budget(two_p
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(two_process_runs, tiny, tmp_path):
-    from neobench import checkpoint as ckpt
+    from neobench.training import checkpoint as ckpt
 
     run_tmp = two_process_runs / "fsdp-neo-stopped" / ".tmp-run"
     saved = ckpt.latest(run_tmp)
@@ -151,7 +151,7 @@ def killed_runs(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("method", RESUMED)
 def test_a_run_killed_after_its_checkpoint_resumes_exactly(killed_runs, tiny, tmp_path, cli, method):
-    from neobench.experiment import execute
+    from neobench.runs.experiment import execute
 
     root, codes = killed_runs
     code, stderr = codes[method]
@@ -241,7 +241,7 @@ def test_a_diverging_run_stops_in_one_line_and_stores_no_result(tiny, tmp_path, 
 
 
 def test_a_huge_learning_rate_is_caught_by_the_guard(tiny, tmp_path):
-    from neobench.train import Diverged
+    from neobench.training.loop import Diverged
 
     cfg = tiny_config(tiny, tmp_path, method="sft", lr=1e30, max_steps=6, grad_accum=1)
     with pytest.raises(Diverged, match="sft seed 0 diverged at step"):
@@ -252,7 +252,7 @@ def test_a_huge_learning_rate_is_caught_by_the_guard(tiny, tmp_path):
 @pytest.mark.embedded  # the random models' tokenizer comes from the embedded GGUF; cached across tests
 @pytest.mark.skipif(not os.environ.get("NEOBENCH_TEST_PAPER_SHAPE"), reason="about a minute and 10 GB: `make test-paper-shape`")
 def test_the_paper_preset_trains_kd_and_neo_on_random_paper_shape_models(tmp_path):
-    from neobench.config import load_preset
+    from neobench.runs.config import load_preset
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
@@ -277,8 +277,8 @@ def test_the_paper_preset_trains_kd_and_neo_on_random_paper_shape_models(tmp_pat
 
 
 def test_resuming_on_another_process_count_keeps_the_global_batch():
-    from neobench.errors import NeobenchError
-    from neobench.experiment import same_global_batch
+    from neobench.core.errors import NeobenchError
+    from neobench.runs.experiment import same_global_batch
 
     cfg = RunConfig(batch_size=2, grad_accum=3)
     assert same_global_batch(cfg, 2, 1).grad_accum == 6 and same_global_batch(cfg, 2, 3).grad_accum == 2

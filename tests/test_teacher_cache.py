@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from neobench.errors import NeobenchError
-from neobench.teacher_cache import CacheMode, TeacherCache
-from neobench.train import prepare, train
+from neobench.core.errors import NeobenchError
+from neobench.training.loop import prepare, train
+from neobench.training.teacher_cache import CacheMode, TeacherCache
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from neobench.adapters import VARIANTS, apply_adapter, merged_copy
-from neobench.data import collate
-from neobench.methods import METHODS, objective
-from neobench.models import load_causal_lm
-from neobench.train import WEIGHTS_FILE, build_student, load_trained_student, prepare, train
+from neobench.data.examples import collate
+from neobench.models.adapters import VARIANTS, apply_adapter, merged_copy
+from neobench.models.loading import load_causal_lm
+from neobench.training.loop import WEIGHTS_FILE, build_student, load_trained_student, prepare, train
+from neobench.training.methods import METHODS, objective
 
 CASES = [(m, None) for m, spec in METHODS.items() if spec.trains == "all"] + [
     (m, v) for m, spec in METHODS.items() if spec.trains == "adapter" for v in VARIANTS
@@ -19,7 +19,7 @@ CASES = [(m, None) for m, spec in METHODS.items() if spec.trains == "all"] + [
 
 @pytest.fixture(scope="module")
 def workspace(tiny, tmp_path_factory):
-    from neobench.config import RunConfig
+    from neobench.runs.config import RunConfig
 
     cfg = RunConfig(
         preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
@@ -110,7 +110,7 @@ def test_wall_clock_cap_stops_early_and_says_so(workspace):
 
 
 def test_lr_schedule_warms_up_then_decays_and_never_wastes_a_step():
-    from neobench.train import lr_multiplier
+    from neobench.training.loop import lr_multiplier
 
     factors = [lr_multiplier(s, 12, 2) for s in range(12)]
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
@@ -128,7 +128,7 @@ def test_every_step_changes_the_weights(workspace):
 
 
 def test_minillm_samples_its_own_responses_and_learns(workspace):
-    from neobench.onpolicy import prompt_of, sample_responses
+    from neobench.training.onpolicy import prompt_of, sample_responses
 
     base, ws = workspace
     examples = ws.data.examples[:3]
@@ -156,7 +156,7 @@ def test_minillm_samples_its_own_responses_and_learns(workspace):
 
 
 def test_micro_batches_group_a_steps_examples_by_length():
-    from neobench.train import group_by_length
+    from neobench.training.loop import group_by_length
 
     lengths = {0: 30, 1: 10, 2: 30, 3: 20, 4: 10, 5: 40, 6: 20, 7: 5}
     picks = [5, 2, 7, 0, 1, 6, 3, 4]  # the seeded order of one step

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from neobench.config import RunConfig, apply_overrides
-from neobench.distributed import close
-from neobench.train import prepare, train
+from neobench.runs.config import RunConfig, apply_overrides
+from neobench.training.distributed import close
+from neobench.training.loop import prepare, train
 
 
 class StopHere(Exception):
@@ -31,7 +31,7 @@ def main() -> None:
     for case in plan:
         cfg = apply_overrides(RunConfig(), case["config"], case["name"])
         if case.get("execute"):
-            from neobench.experiment import execute
+            from neobench.runs.experiment import execute
 
             execute(cfg, run_id=case["name"])
             continue
