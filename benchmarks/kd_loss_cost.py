@@ -35,8 +35,8 @@ def loss_step(tokens: int, vocab: int, hidden: int, way: str) -> dict:
     import torch.nn.functional as F
 
     from neobench.training.fused_loss import LogitHead, LossSpec, TeacherHidden, fused_loss
-    from neobench.training.memory import PeakMemory
     from neobench.training.losses import distillation_loss
+    from neobench.training.memory import PeakMemory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

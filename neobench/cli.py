@@ -183,7 +183,7 @@ def export(
     tokenizer and chat template. Both carry a model card (README.md) with the
     run's scores, and the run's config.
     """
-    from neobench.commands.evaluate import export_command
+    from neobench.commands.export import export_command
 
     export_command(run, runs_dir, out, merged)
 
@@ -254,7 +254,7 @@ def report(
 @app.command("list")
 def list_entries(fields: bool = typer.Option(False, "--fields", help="Also list every config field with its meaning.")):
     """List methods, adapter variants, losses, evaluation tasks, presets and ablation studies."""
-    from neobench.commands.catalog import list_command
+    from neobench.commands.listing import list_command
 
     list_command(fields)
 
@@ -267,7 +267,7 @@ def student_prune(
     split: str = typer.Option("train", help="Split of the calibration data."),
 ):
     """Depth-prune the teacher to KEEP layers by block influence (cached; `--student pruned:KEEP` uses it)."""
-    from neobench.commands.make import prune_command
+    from neobench.commands.prune import prune_command
 
     prune_command(keep, teacher, data, split)
 
@@ -282,7 +282,7 @@ def data_synth(
     batch_size: int = typer.Option(48, help="Sequences generated at once."),
 ):
     """Synthesize instruction/response pairs from the teacher with Magpie (resumable)."""
-    from neobench.commands.make import synth_command
+    from neobench.commands.synth import synth_command
 
     synth_command(out, teacher, n_train, n_heldout, seed, batch_size)
 

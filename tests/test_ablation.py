@@ -238,7 +238,8 @@ def test_a_trial_behind_the_median_is_pruned_from_its_intermediate_nll(tiny, tin
 
     from neobench.ablation.storage import create_study
     from neobench.ablation.trial import trial_reporter
-    from neobench.training.loop import build_student, prepare
+    from neobench.training.loop import build_student
+    from neobench.training.workspace import prepare
 
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump(dataclasses.replace(tiny_cfg, eval_tasks="neo_heldout_nll").to_dict()))
@@ -319,7 +320,7 @@ def test_a_diverged_trial_is_failed_with_its_reason_and_never_run_again(tiny_pre
         (unfinished / "failure.json").write_text(json.dumps({"reason": "diverged", "message": f"rank {cfg.rank} diverged at step 3"}))
         return DIVERGED_EXIT
 
-    monkeypatch.setattr("neobench.runs.experiment.run_in_child", diverging_run)
+    monkeypatch.setattr("neobench.runs.execute.run_in_child", diverging_run)
     spec = load_spec(str(write_study(tmp_path, "nan", tiny_preset, trials=2, space={"rank": {"type": "int", "low": 2, "high": 8, "grid": [2, 8]}})))
     storage = f"sqlite:///{tmp_path / 'nan.db'}"
     create_study(spec, "nan", storage, "minimize", "test")
@@ -414,9 +415,9 @@ def test_the_tuned_protocol_reads_the_methods_and_the_variants_studies_together(
 
     import optuna
 
-    from neobench.ablation.protocol import TUNING_STUDIES
+    from neobench.ablation.tuned import TUNING_STUDIES
     from neobench.ablation.tuned import tuned_lr_scales
-    from neobench.commands.run import tuned_configs
+    from neobench.ablation.tuned import tuned_configs
     from neobench.runs.config import load_preset
 
     runs = tmp_path / "runs"
@@ -475,7 +476,8 @@ def test_a_contour_is_drawn_over_numeric_parameters_only(tmp_path):
 
 
 def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
-    from neobench.reporting.ablations import objective_per_doc, render
+    from neobench.ablation.export import objective_per_doc
+    from neobench.reporting.ablations import render
     from neobench.runs.results import tidy_per_doc
 
     # Per-document scores of the trials' runs, as load_per_doc reads them; trial 2 has two seeds.

@@ -10,7 +10,7 @@ import pytest
 from conftest import kill_tree
 import yaml
 
-from neobench.runs.experiment import execute
+from neobench.runs.execute import execute
 
 
 def neobench(*args, env=None, cwd=None):
@@ -51,7 +51,7 @@ def test_run_without_method_trains_the_matrix_under_one_budget(tiny, tmp_path, c
 
 def test_variant_alone_runs_llm_neo():
     from neobench.runs.config import load_preset
-    from neobench.runs.experiment import plan
+    from neobench.runs.execute import plan
 
     (cfg,) = plan(load_preset("smol-cpu"), None, "rslora")
     assert (cfg.method, cfg.variant, cfg.loss) == ("neo", "rslora", "forward_kl")

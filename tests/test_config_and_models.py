@@ -7,9 +7,9 @@ import pytest
 from neobench.core.errors import NeobenchError
 from neobench.models.loading import resolve_model
 from neobench.runs.config import PRESETS, RunConfig, apply_overrides, load_preset, validate
-from neobench.runs.experiment import plan
-from neobench.training.loop import prepare
+from neobench.runs.execute import plan
 from neobench.training.prune import block_influence, parse_pruned_spec, pruned_student_dir
+from neobench.training.workspace import prepare
 
 
 @pytest.mark.parametrize("name", PRESETS.names())

@@ -6,7 +6,7 @@ import pytest
 
 from neobench.core.errors import NeobenchError
 from neobench.data.examples import encode_chat, example_order, load_rows, to_messages, tokenize_rows
-from neobench.data.synth import PACKAGED_DATA_DIR
+from neobench.data.examples import PACKAGED_DATA_DIR
 from neobench.models.loading import load_tokenizer
 from neobench.training.losses import IGNORE_INDEX
 

@@ -41,7 +41,8 @@ def test_embedded_default_trains_neo_dora_for_two_steps(tmp_path, cli):
 
     from neobench.runs.config import load_preset
     from neobench.runs.export import export_run
-    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
+    from neobench.training.loop import WEIGHTS_FILE, load_trained_student
+    from neobench.training.workspace import prepare
 
     export_run(run.name, str(tmp_path / "runs"), tmp_path / "student")
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "student" / "base_model"), dtype=torch.float32)
@@ -65,8 +66,9 @@ def test_every_method_and_variant_takes_a_fused_step_on_the_embedded_default():
     from neobench.data.examples import collate
     from neobench.models.adapters import VARIANTS
     from neobench.runs.config import load_preset, validate
-    from neobench.training.loop import build_student, group_by_length, prepare, train
+    from neobench.training.loop import build_student, group_by_length, train
     from neobench.training.methods import METHODS, objective
+    from neobench.training.workspace import prepare
 
     cfg = validate(dataclasses.replace(load_preset("smol-cpu"), max_steps=1, batch_size=2, grad_accum=1, max_examples=16,
                                        seq_len=128, eval_tasks="none", dtype="float32", minillm_max_new_tokens=8))

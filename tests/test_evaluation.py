@@ -117,7 +117,8 @@ def test_standard_tasks_are_checked_in_one_line_missing_data_and_typos(tiny, tmp
 
 
 def test_a_run_stores_student_and_reference_scores(tiny_cfg):
-    from neobench.runs.experiment import evaluate_run, execute
+    from neobench.runs.execute import execute
+    from neobench.runs.rescore import evaluate_run
 
     cfg = dataclasses.replace(tiny_cfg, method="neo", variant="moslora", eval_tasks="neo_suite", eval_limit=4)
     metrics = execute(cfg)

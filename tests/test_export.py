@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from neobench.core.errors import NeobenchError
-from neobench.runs.experiment import execute
+from neobench.runs.execute import execute
 from neobench.runs.export import BASE_DIR, export_run
 
 
@@ -32,7 +32,8 @@ def tokens(tiny):
 def students_logits(tiny_cfg, run_id: str, ids) -> torch.Tensor:
     """Logits of the run's student as neobench rebuilds it from the stored weights."""
     from neobench.runs.config import load_preset
-    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
+    from neobench.training.loop import WEIGHTS_FILE, load_trained_student
+    from neobench.training.workspace import prepare
 
     run_dir = f"{tiny_cfg.runs_dir}/{run_id}"
     cfg = load_preset(f"{run_dir}/config.yaml")

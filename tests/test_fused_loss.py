@@ -206,9 +206,10 @@ def test_tied_head_step_equals_the_materialised_objective(tiny):
     from neobench.data.examples import collate
     from neobench.runs.config import RunConfig
     from neobench.training.distributed import ScoredHidden
-    from neobench.training.loop import build_student, offline_objective, prepare
+    from neobench.training.loop import build_student, offline_objective
     from neobench.training.losses import next_token_targets
     from neobench.training.methods import METHODS, objective
+    from neobench.training.workspace import prepare
 
     for method, variant in (("kd", None), ("neo", "dora")):
         cfg = RunConfig(preset="tiny", teacher=str(tiny["teacher"]), student=str(tiny["student"]), train_data=str(tiny["data"]),
@@ -295,7 +296,8 @@ def test_bad_dtypes_fail_in_one_line(name, message):
 
 
 def test_a_bf16_run_keeps_fp32_masters_and_a_bf16_teacher(tiny_cfg):
-    from neobench.training.loop import prepare, train
+    from neobench.training.loop import train
+    from neobench.training.workspace import prepare
 
     for method, variant in (("kd", None), ("neo", "lora")):
         cfg = dataclasses.replace(tiny_cfg, method=method, variant=variant, dtype="bfloat16", max_steps=2)

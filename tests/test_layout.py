@@ -1,4 +1,4 @@
-"""The package's layout: its imports form no cycle and point down the pipeline's stages only.
+"""The package's layout: no import cycle, no import of a later stage, and the README draws it as it is.
 
 A cycle hidden in a function-level import still ties two modules into one: neither can be read,
 tested or moved without the other. The graph is read from the source (ast), so an import only
@@ -6,7 +6,7 @@ reached at run time counts as much as one at the top of a module. Imports under
 ``if TYPE_CHECKING:`` are left out: they are never executed, and only name a type for readers.
 
 The stages, in the order data flows through them (README, Layout): a module may import its own
-stage and the stages before it, never one after it.
+stage and earlier ones, never a later one.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def stage_of(module: str) -> str:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    """"importer -> imported (stage -> later stage)" for every import that points up the stages."""
+    """"importer -> imported (stage -> later stage)" for every import of a later stage."""
     rank = {stage: i for i, stage in enumerate(STAGES)}
     return [
         f"{a} -> {b} ({stage_of(a)} -> {stage_of(b)})"
@@ -110,11 +110,11 @@ def test_every_module_belongs_to_a_stage_and_imports_only_down():
     graph = import_graph()
     unplaced = sorted(m for m in graph if stage_of(m) not in STAGES)
     assert not unplaced, f"modules outside every stage (move them into one, or add them to TOP_LEVEL_STAGE): {unplaced}"
-    assert not upward_imports(graph), "imports that point up the stages:\n" + "\n".join(upward_imports(graph))
+    assert not upward_imports(graph), "imports of a later stage:\n" + "\n".join(upward_imports(graph))
 
 
 def test_an_upward_import_is_found_and_a_type_only_one_is_not():
-    """The checker itself: training importing runs points up, unless only under TYPE_CHECKING."""
+    """The checker itself: training importing runs imports a later stage, unless only under TYPE_CHECKING."""
     assert upward_imports({"neobench.training.loop": {"neobench.runs.config"}, "neobench.runs.config": set()}) == [
         "neobench.training.loop -> neobench.runs.config (training -> runs)"
     ]
@@ -130,12 +130,40 @@ def test_no_module_is_over_the_line_limit():
     assert not {path: n for path, n in lengths.items() if n > MAX_LINES}
 
 
-def test_the_readme_layout_names_every_module():
-    """Docs follow the code: the README's Layout lists every stage and every module in it."""
+def readme_tree() -> set[str]:
+    """The package's entries as the README's Layout draws them: "core/", "core/errors.py", ..."""
     readme = (PACKAGE.parent / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
-    files = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.parent.name != "tasks"]
-    stages = [p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
-    missing = [f"{p.parent.name}/{p.name}" for p in files if f" {p.name} " not in layout]
-    missing += [f"{name}/" for name in stages if f"  {name}/ " not in layout]
-    assert not missing, f"README's Layout does not name: {missing}"
+    block = readme[readme.index("## Layout"):].split("```")[1]
+    lines = block[block.index("neobench/\n") + len("neobench/\n"):].splitlines()
+    entries, folder = set(), ""
+    for line in lines:
+        indent, name = len(line) - len(line.lstrip()), (line.split() or [""])[0]
+        if indent == 0:  # the package's tree ends where the repository's top level resumes
+            break
+        if not name.endswith(("/", ".py")) or indent > 4:  # a description's second line
+            continue
+        folder = name if indent == 2 and name.endswith("/") else folder if indent == 4 else ""
+        entries.add(name if indent == 2 else folder + name)
+    return entries
+
+
+def package_tree() -> set[str]:
+    """The same entries read from the files: modules, stage packages and the folders of data inside them."""
+    entries = set()
+    for path in PACKAGE.rglob("*"):
+        parts = path.relative_to(PACKAGE).parts
+        if "__pycache__" in parts or len(parts) > 2 or path.name == "__init__.py":
+            continue
+        if path.is_dir():
+            entries.add("/".join(parts) + "/")
+        elif path.suffix == ".py":
+            entries.add("/".join(parts))
+    return entries
+
+
+def test_the_readme_layout_is_the_package_tree():
+    """Docs follow the code: the README's Layout names every stage and module, and nothing else."""
+    drawn, actual = readme_tree(), package_tree()
+    assert {"core/", "core/errors.py", "evaluation/tasks/", "cli.py"} <= drawn, "the Layout's tree is read"
+    assert not actual - drawn, f"in the package, not in README's Layout: {sorted(actual - drawn)}"
+    assert not drawn - actual, f"in README's Layout, not in the package: {sorted(drawn - actual)}"

@@ -1,9 +1,9 @@
-"""Paired significance tests (neobench.evaluation.paired) against hand computations on small fixed inputs."""
+"""Paired significance tests (neobench.reporting.paired) against hand computations on small fixed inputs."""
 
 import numpy as np
 import pytest
 
-from neobench.evaluation.paired import compare, holm, mcnemar_exact, paired_bootstrap
+from neobench.reporting.paired import compare, holm, mcnemar_exact, paired_bootstrap
 
 
 def test_two_documents_bootstrap_matches_its_exact_distribution():

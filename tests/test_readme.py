@@ -60,9 +60,9 @@ class Reached(Exception):
 
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
-    "run": ["neobench.runs.experiment.execute_many", "neobench.runs.experiment.execute", "neobench.commands.run.resume_run",
+    "run": ["neobench.runs.execute.execute_many", "neobench.runs.execute.execute", "neobench.commands.run.resume_run",
             "neobench.ablation.tuned.tuned_lr_scales"],
-    "eval": ["neobench.runs.experiment.evaluate_run", "neobench.runs.experiment.evaluate_model"],
+    "eval": ["neobench.runs.rescore.evaluate_run", "neobench.runs.rescore.evaluate_model"],
     "report": ["neobench.runs.results.load_results"],
     "ablate": ["neobench.ablation.worker.run_study"],
     "export": ["neobench.runs.export.export_run"],
@@ -135,7 +135,7 @@ def test_readme_commands_run_on_tiny_models(tiny, tmp_path, monkeypatch):
             return 2
         return code if isinstance(code, int) else 0
 
-    monkeypatch.setattr("neobench.runs.experiment.run_in_child", run_in_this_process)
+    monkeypatch.setattr("neobench.runs.execute.run_in_child", run_in_this_process)
     monkeypatch.chdir(tmp_path)
     preset = tmp_path / "tiny.yaml"
     preset.write_text(yaml.safe_dump({

@@ -285,7 +285,7 @@ def paired_matrix(tmp_path):
 
 
 def test_every_student_is_compared_with_lora_and_kd_on_the_same_documents(paired_matrix, tmp_path):
-    from neobench.evaluation.paired import compare, holm
+    from neobench.reporting.paired import compare, holm
     from neobench.runs.results import load_per_doc
 
     per_doc = load_per_doc(paired_matrix)

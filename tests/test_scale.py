@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from neobench.runs.config import RunConfig
-from neobench.training.loop import prepare, train
+from neobench.training.loop import train
+from neobench.training.workspace import prepare
 
 HERE = Path(__file__).parent
 TIME_FIELDS = {"elapsed_s", "tokens_per_s"}
@@ -78,7 +79,7 @@ def test_two_processes_train_what_one_process_trains(two_process_runs, tiny, tmp
 
 
 def test_a_two_process_run_is_written_once_and_reported_as_the_same_budget(two_process_runs, tiny, tmp_path):
-    from neobench.runs.experiment import execute
+    from neobench.runs.execute import execute
     from neobench.runs.results import load_results
 
     runs = two_process_runs / "runs"
@@ -151,7 +152,7 @@ def killed_runs(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("method", RESUMED)
 def test_a_run_killed_after_its_checkpoint_resumes_exactly(killed_runs, tiny, tmp_path, cli, method):
-    from neobench.runs.experiment import execute
+    from neobench.runs.execute import execute
 
     root, codes = killed_runs
     code, stderr = codes[method]
@@ -278,7 +279,7 @@ def test_the_paper_preset_trains_kd_and_neo_on_random_paper_shape_models(tmp_pat
 
 def test_resuming_on_another_process_count_keeps_the_global_batch():
     from neobench.core.errors import NeobenchError
-    from neobench.runs.experiment import same_global_batch
+    from neobench.runs.execute import same_global_batch
 
     cfg = RunConfig(batch_size=2, grad_accum=3)
     assert same_global_batch(cfg, 2, 1).grad_accum == 6 and same_global_batch(cfg, 2, 3).grad_accum == 2

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 
 from neobench.core.errors import NeobenchError
-from neobench.training.loop import prepare, train
+from neobench.training.loop import train
 from neobench.training.teacher_cache import CacheMode, TeacherCache
+from neobench.training.workspace import prepare
 
 
 @pytest.fixture

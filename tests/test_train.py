@@ -9,8 +9,9 @@ import torch
 from neobench.data.examples import collate
 from neobench.models.adapters import VARIANTS, apply_adapter, merged_copy
 from neobench.models.loading import load_causal_lm
-from neobench.training.loop import WEIGHTS_FILE, build_student, load_trained_student, prepare, train
+from neobench.training.loop import WEIGHTS_FILE, build_student, load_trained_student, train
 from neobench.training.methods import METHODS, objective
+from neobench.training.workspace import prepare
 
 CASES = [(m, None) for m, spec in METHODS.items() if spec.trains == "all"] + [
     (m, v) for m, spec in METHODS.items() if spec.trains == "adapter" for v in VARIANTS

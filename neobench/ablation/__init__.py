@@ -6,6 +6,7 @@ is one run, scored on the validation split; the tuned protocol's learning rates.
     storage   the study on its Optuna storage: create or continue it, count and re-queue its trials
     trial     one trial as runs: its direction, outcome and score, and the reporter inside its run
     worker    `neobench ablate`: the workers that run trials until N are finished
-    tuned     the tuned protocol's learning rates, read from the tuning studies
-    protocol  the pure rule that picks each method's learning rate (also used by reporting)
+    tuned     the tuned protocol: its studies, the rule that picks a rate (also the reporting
+              stage's), the rates the studies chose, and planned runs set to them
+    export    a study's trials as JSON, what its report is made from
 """

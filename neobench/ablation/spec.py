@@ -57,8 +57,8 @@ class Param:
     def describe(self) -> str:
         if self.kind == "categorical":
             return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
-        text = f"{self.name} in [{fmt(self.low)}, {fmt(self.high)}]" + (" (log)" if self.log else "")
-        return text + (f", grid {', '.join(fmt(g) for g in self.grid)}" if self.grid else "")
+        text = f"{self.name} in [{fmt_value(self.low)}, {fmt_value(self.high)}]" + (" (log)" if self.log else "")
+        return text + (f", grid {', '.join(fmt_value(g) for g in self.grid)}" if self.grid else "")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class StudySpec:
         }
 
 
-def fmt(x: Any) -> str:
+def fmt_value(x: Any) -> str:
+    """A parameter value as tables and messages show it: a float in %g form (3.16, 1e-05), anything else as str."""
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
@@ -296,9 +297,9 @@ def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
         _checked(base, name, values[k], f"{field}.{k}", bad)
     low, high, log = values["low"], values["high"], bool(raw.get("log", False))
     if not low < high:
-        raise bad(f"{field}.high", f"must be above low ({fmt(low)}), got {fmt(high)}")
+        raise bad(f"{field}.high", f"must be above low ({fmt_value(low)}), got {fmt_value(high)}")
     if log and low <= 0:
-        raise bad(f"{field}.low", f"must be positive on a log scale, got {fmt(low)}")
+        raise bad(f"{field}.low", f"must be positive on a log scale, got {fmt_value(low)}")
     step = raw.get("step")
     if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
         raise bad(f"{field}.step", "must be a positive number, and cannot be combined with log")
@@ -308,7 +309,7 @@ def _parse_param(name: str, raw: Any, base: RunConfig, bad) -> Param:
     points = []
     for g in grid:
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not low <= g <= high or (number is int and not float(g).is_integer()):
-            raise bad(f"{field}.grid", f"has {g!r}, which is not a{'n integer' if number is int else ' number'} in [{fmt(low)}, {fmt(high)}]")
+            raise bad(f"{field}.grid", f"has {g!r}, which is not a{'n integer' if number is int else ' number'} in [{fmt_value(low)}, {fmt_value(high)}]")
         points.append(number(g))
     return Param(name, raw["type"], low=low, high=high, log=log, step=step, grid=tuple(points))
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from neobench.ablation.spec import StudySpec, fmt, grid_size
+from neobench.ablation.spec import StudySpec, fmt_value, grid_size
 from neobench.ablation.storage import (
     DIVERGED_ATTR, counted, create_study, default_storage, diverged, load_study, open_storage, reap_dead_trials, requeue,
 )
@@ -43,7 +43,7 @@ def run_study(
     """`neobench ablate`: prepare shared artefacts once, then run workers until N trials are finished."""
     import subprocess
 
-    from neobench.training.loop import prepare
+    from neobench.training.workspace import prepare
 
     base = spec.base_config()
     runs_dir = runs_dir or base.runs_dir
@@ -94,7 +94,7 @@ def run_study(
 
 def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs_dir: str, worker_index: int = 0) -> None:
     """One worker: run trials until the study holds ``n_trials`` finished ones."""
-    from neobench.runs.experiment import run_in_child
+    from neobench.runs.execute import run_in_child
     from neobench.runs.store import new_run_id
     from neobench.training.labels import run_label
 
@@ -112,7 +112,7 @@ def work(spec: StudySpec, study_name: str, storage_url: str, n_trials: int, runs
             trial.set_user_attr("surplus", True)
             raise SurplusTrial()
         params = {p.name: p.suggest(trial) for p in spec.space}
-        console.rule(f"[bold]{study_name} trial {trial.number}: {', '.join(f'{k}={fmt(v)}' for k, v in params.items())}")
+        console.rule(f"[bold]{study_name} trial {trial.number}: {', '.join(f'{k}={fmt_value(v)}' for k, v in params.items())}")
         run_ids, values, stderrs = [], [], []
         for offset in range(spec.seeds):
             cfg = validate(dataclasses.replace(

@@ -2,9 +2,11 @@
 through the stages below, its lines on the console, and its exit code. neobench.cli only parses.
 
     run       `neobench run`: plan, protocol, skip-done, launch here / in processes / under torchrun, resume
-    evaluate  `neobench eval` and `neobench export`
+    evaluate  `neobench eval`
+    export    `neobench export`
     ablate    `neobench ablate`
     report    `neobench report`: runs collected into rows, every table rebuilt from them
-    catalog   `neobench list`
-    make      `neobench student prune` and `neobench data synth`
+    listing   `neobench list`
+    prune     `neobench student prune`
+    synth     `neobench data synth`
 """

@@ -17,9 +17,10 @@ def ablate_command(study: str, trials: Optional[int], storage: Optional[str], wo
     """Run (or, as worker N, work on) the study, then write leaderboards/<preset>/ablations/<study>.md."""
     import shlex
 
+    from neobench.ablation.export import export_studies
     from neobench.ablation.spec import load_spec, with_dtype
     from neobench.ablation.worker import run_study, work
-    from neobench.reporting.ablations import export_studies, render
+    from neobench.reporting.ablations import render
     from neobench.runs.config import RunConfig
 
     spec = with_dtype(load_spec(study), dtype)

@@ -1,5 +1,4 @@
-"""`neobench eval` and `neobench export`: a stored student scored again, or any model scored; a
-run's student written where other tools load it."""
+"""`neobench eval`: a stored run's student scored again, or any model scored (cached by content)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from neobench.core.progress import console
 
 def evaluate_command(run: Optional[str], model: Optional[str], preset: str, flags: dict, runs_dir: str, out: Optional[Path]) -> None:
     """Score --run's student (its tasks, or the flags') or --model, and write the results to --out too."""
-    from neobench.runs.experiment import evaluate_model, evaluate_run
+    from neobench.runs.rescore import evaluate_model, evaluate_run
 
     if (run is None) == (model is None):
         raise NeobenchError("give exactly one of --run RUN_ID or --model PATH_OR_ID")
@@ -23,14 +22,3 @@ def evaluate_command(run: Optional[str], model: Optional[str], preset: str, flag
 
         write_json_atomic(out, payload)
         console.print(f"results written to {out}", highlight=False)
-
-
-def export_command(run: str, runs_dir: str, out: Path, merged: bool) -> None:
-    """Export a run's student (a peft adapter, or a merged transformers model) and say what was written."""
-    from neobench.runs.export import export_run
-
-    result = export_run(run, runs_dir, out, merged)
-    console.print(
-        f"exported {result['kind']} to {out}/: {len(result['files'])} files, {result['bytes'] / 2**20:.1f} MiB, "
-        f"{result['seconds']:.0f} s", highlight=False,
-    )

@@ -48,8 +48,9 @@ def report_command(runs: Path, out: Path, format: str, preset: Optional[str], re
         console.print(f"[yellow]{how}[/yellow]", highlight=False)
     if not presets:
         raise NeobenchError(f"no runs under {runs}/ and no results in {out}/; train some with `neobench run` first")
+    from neobench.ablation.export import export_studies
     from neobench.ablation.storage import STORAGE_FILE
-    from neobench.reporting.ablations import export_studies, render_all
+    from neobench.reporting.ablations import render_all
     from neobench.reporting.leaderboard import left_out_lines, render
 
     for name in presets:

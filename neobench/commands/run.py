@@ -29,7 +29,7 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
     """`neobench run` once its flags are parsed: a resumed run, a run process's one run, or the plan."""
     from neobench.core.stopping import STOPPED_EXIT, Stopped
     from neobench.runs.config import apply_overrides, load_preset
-    from neobench.runs.experiment import ChildDiverged, execute, execute_many, matrix_scores, plan, summary_table
+    from neobench.runs.execute import ChildDiverged, execute, execute_many, matrix_scores, plan, summary_table
     from neobench.training.distributed import close, launched_world
     from neobench.training.loop import Diverged
 
@@ -52,6 +52,8 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
         if protocol not in PROTOCOLS:
             raise NeobenchError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
         if protocol == "tuned":
+            from neobench.ablation.tuned import tuned_configs
+
             cfgs = tuned_configs(cfgs, given)
             if not cfgs:
                 return
@@ -102,7 +104,7 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int)
     """`neobench run --resume RUN_ID`: continue an unfinished run as it was configured."""
     from neobench.core.stopping import STOP, STOPPED_EXIT
     from neobench.runs.config import load_preset, validate
-    from neobench.runs.experiment import execute, run_in_child, summary_table
+    from neobench.runs.execute import execute, run_in_child, summary_table
     from neobench.runs.store import unfinished_run
     from neobench.training.distributed import launched_world
 
@@ -129,7 +131,7 @@ def resume_run(run: str, runs_dir: str, given: dict, choices: tuple, nproc: int)
 
 
 def run_child(cfg, run_id: str, optuna_trial: Optional[str]) -> None:
-    from neobench.runs.experiment import execute
+    from neobench.runs.execute import execute
 
     if optuna_trial is None:
         execute(cfg, run_id=run_id)
@@ -160,33 +162,3 @@ def not_done(cfgs: list) -> list:
         else:
             console.print(f"{run_label(cfg)} seed {cfg.seed}: already finished in {twin}", highlight=False)
     return todo
-
-
-def tuned_configs(cfgs: list, given: dict) -> list:
-    """The planned runs with each method's lr_scale from the tune-lr study (see neobench.ablation.tuned)."""
-    import dataclasses
-
-    from neobench.ablation.protocol import TUNING_STUDIES, study_for
-    from neobench.ablation.tuned import tuned_lr_scales
-    from neobench.training.labels import label_of
-
-    if "lr_scale" in given:
-        raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
-    scales = tuned_lr_scales(cfgs[0].runs_dir)
-    tuned = []
-    for cfg in cfgs:
-        label = label_of(cfg.method, cfg.effective_variant(), None)
-        if label not in scales:
-            study = study_for(label, TUNING_STUDIES)
-            how = (f"run `neobench ablate {study}` to finish it" if study else
-                   "no shipped study searches it: copy ablations/tune-lr-variants.yaml with its method, and run that")
-            raise NeobenchError(
-                f"no tuning study has finished its search for {label} (they have chosen for: "
-                f"{', '.join(sorted(scales)) or 'none yet'}); {how}"
-            )
-        if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
-            tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
-    for label in dict.fromkeys(label_of(c.method, c.effective_variant(), None) for c in cfgs):
-        same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
-        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{same if scales[label] == 1.0 else ''}", highlight=False)
-    return tuned

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from neobench.core.errors import NeobenchError
-from neobench.data.synth import PACKAGED_DATA_DIR
 
+PACKAGED_DATA_DIR = Path(__file__).parent
+"""The shipped data sets, one folder each (magpie-smollm2/), beside this package's modules."""
 IGNORE_INDEX = -100
 """Label of a token no loss scores (prompt, padding); the value PyTorch's cross_entropy skips by default."""
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from neobench.data.examples import PACKAGED_DATA_DIR
 from neobench.models.loading import EMBEDDED_TEACHER, load_causal_lm, load_tokenizer, resolve_model
 
-PACKAGED_DATA_DIR = Path(__file__).parent
 DEFAULT_DATASET = "magpie-smollm2"
 
 

@@ -6,5 +6,4 @@ per-document scores, the same as lm-eval's own `hf` model gives.
     fidelity  neo_fidelity (KL and top-1 agreement to the teacher) and held-out NLL, computed directly
     suite     data and scoring of the offline tasks
     tasks/    their lm-eval task YAML (neo_heldout_nll, ...)
-    paired    paired bootstrap, exact McNemar, Holm's correction
 """

@@ -243,7 +243,7 @@ def model_evaluation(
     (and the teacher's fingerprint when neo_fidelity is scored against it).
     """
     from neobench.models.loading import cache_dir, load_causal_lm, load_tokenizer
-    from neobench.training.prune import model_fingerprint
+    from neobench.models.loading import model_fingerprint
 
     needs_teacher = FIDELITY in taskset.spec.tasks and role != "teacher"
     fingerprint = model_fingerprint(model_path)
@@ -269,11 +269,6 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def evaluation_file(run_dir: Path, spec: EvalSpec) -> Path:
-    """Where a run keeps the results of one evaluation spec: evaluations/<spec hash>.json."""
-    return Path(run_dir) / "evaluations" / f"{content_sha(spec.to_dict())[:12]}.json"
 
 
 TERMINAL_HIDDEN = {("neo_heldout_nll", "perplexity"), ("neo_heldout_match", "acc_norm"), ("neo_heldout_rougeL", "at_cap")}

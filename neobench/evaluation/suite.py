@@ -12,7 +12,7 @@
 |                   | ROUGE-L F-measure x 100 with stemming; also the answer's length in     | at_cap             |
 |                   | tokens and whether it hit the 128-token cap                            |                    |
 | neo_fidelity      | KL(p_teacher || p_student) per response token and top-1 agreement,     | kl, top1_agreement |
-|                   | computed by :mod:`neobench.evaluation.harness` (it needs both models at once)   |                    |
+|                   | computed by :mod:`neobench.evaluation.fidelity` (it needs both models) |                    |
 
 ``neo_heldout_rougeL_sampled`` (not in the suite) scores the same answers under the MiniLLM /
 DistiLLM protocol: sampled at temperature 1, top-p 1, no repeated 6-gram, <= 256 new tokens,

@@ -296,3 +296,23 @@ def pick_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise NeobenchError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def model_fingerprint(path: str) -> str:
+    """A cheap content fingerprint of a model directory: config plus size and edges of every weight file.
+
+    Hashing multi-GB weights in full would take minutes; the first and last MiB of each file
+    change with any re-save or fine-tune in practice.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}|{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()

@@ -1,8 +1,8 @@
-"""Ablation outputs: a study's trials -> <study>.trials.json -> <study>.md and Optuna's plots.
+"""A study's report: <study>.trials.json (neobench.ablation.export) -> <study>.md and Optuna's plots.
 
-    export_trials     the study and its trials as plain JSON (committed under leaderboards/<preset>/ablations/)
     study_from_export an in-memory Optuna study built from that JSON, for importances and plots
     render            <study>.md (trials best first, best parameters, fANOVA importances) and PNGs
+    render_all        every exported study under leaderboards/
 
 The files are made from the JSON alone, so `neobench report` on a fresh clone (no storage, no
 runs) rebuilds them byte for byte.
@@ -15,51 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from neobench.ablation.spec import fmt
+from neobench.ablation.spec import fmt_value
 from neobench.ablation.storage import quiet_optuna
 from neobench.reporting.tables import fmt_p
-
-
-
-def objective_per_doc(run_ids: list[str], per_doc, task: str, metric: str) -> Optional[dict]:
-    """{"docs": [hash, ...], "values": [[per doc] per run]} of a trial's objective, from the per-document
-    scores of its runs (neobench.runs.results.load_per_doc); None unless every run has them on the same documents."""
-    values, docs = [], None
-    for run_id in run_ids:
-        mine = per_doc[(per_doc["run_id"] == run_id) & (per_doc["task"] == task) & (per_doc["metric"] == metric)]
-        if mine.empty or (docs is not None and list(mine["doc"]) != docs):
-            return None
-        docs = list(mine["doc"])
-        values.append([float(v) for v in mine["value"]])
-    return {"docs": docs, "values": values} if docs else None
-
-
-def export_trials(study, per_doc=None) -> dict:
-    """The study and its trials as plain JSON (what the committed tables and plots are made from).
-
-    ``per_doc`` (the trials' runs' per-document scores) adds each finished trial's per-document
-    objective, so the table can compare every trial with the best on the same documents."""
-    from optuna.distributions import distribution_to_json
-
-    task, _, metric = str(study.user_attrs.get("objective", "")).partition("/")
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
-            continue
-        scores = None
-        if per_doc is not None and t.state.name == "COMPLETE":
-            scores = objective_per_doc(t.user_attrs.get("run_ids", []), per_doc, task, metric)
-        trials.append({
-            "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-            "distributions": {k: json.loads(distribution_to_json(d)) for k, d in t.distributions.items()},
-            "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-            "user_attrs": {k: v for k, v in sorted(t.user_attrs.items()) if k != "worker"},
-            "retry_of": t.system_attrs.get("failed_trial"),
-            "duration_seconds": t.duration.total_seconds() if t.duration else None,
-            **({"per_doc": scores} if scores else {}),
-        })
-    return {"study": study.study_name, "direction": study.direction.name.lower(),
-            "attrs": dict(sorted(study.user_attrs.items())), "trials": trials}
 
 
 def study_from_export(exported: dict):
@@ -93,7 +51,7 @@ def render(exported: dict, out_dir: Path) -> list[Path]:
     from optuna.trial import TrialState
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    name, attrs = exported["study"], exported["attrs"]
+    name = exported["study"]
     study = study_from_export(exported)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     files: list[Path] = []
@@ -166,7 +124,7 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
         lines += [f"References on `{objective}`: teacher {refs['teacher']:.4f}, untrained student {refs['untrained']:.4f}.", ""]
     if complete:
         best = complete[0]
-        lines += ["## Best", "", f"Trial {best['number']}: " + ", ".join(f"**{k} = {fmt(v)}**" for k, v in best["params"].items())
+        lines += ["## Best", "", f"Trial {best['number']}: " + ", ".join(f"**{k} = {fmt_value(v)}**" for k, v in best["params"].items())
                   + f" -> {objective} {best['value']:.4f}" + (f" ± {best['user_attrs']['stderr']:.4f}" if best["user_attrs"].get("stderr") is not None else ""), ""]
     paired = paired_with_best(complete)
     paired_header = ["Δ vs best [95% CI]", "p (Holm)"] if paired else []
@@ -181,7 +139,7 @@ def _markdown(exported: dict, importances: dict[str, float], images: list[tuple[
         else:
             value = f"{t['value']:.4f}"
         cells = [
-            str(rank) if t["state"] == "COMPLETE" else "–", str(t["number"]), *(fmt(t["params"].get(p, "")) for p in params), value,
+            str(rank) if t["state"] == "COMPLETE" else "–", str(t["number"]), *(fmt_value(t["params"].get(p, "")) for p in params), value,
             f"{ua['stderr']:.4f}" if ua.get("stderr") is not None else "–",
             *((paired.get(t["number"], ("—" if t is complete[0] else "–", "")) if paired else ())),
             f"{ua['train_seconds']:.1f}" if ua.get("train_seconds") else "–",
@@ -213,7 +171,7 @@ def paired_with_best(complete: list[dict]) -> dict[int, tuple[str, str]]:
     finished trial whose per-document objective was exported on the best trial's documents."""
     import numpy as np
 
-    from neobench.evaluation.paired import compare, holm, significance_mark
+    from neobench.reporting.paired import compare, holm, significance_mark
 
     best = complete[0].get("per_doc") if complete else None
     if not best:
@@ -223,31 +181,6 @@ def paired_with_best(complete: list[dict]) -> dict[int, tuple[str, str]]:
     adjusted = holm([c.p for c in comparisons.values()])
     return {number: (f"{c.delta:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{significance_mark(p)}", fmt_p(p))
             for (number, c), p in zip(comparisons.items(), adjusted)}
-
-
-def write_export(exported: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(exported, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def export_studies(storage_url: str, leaderboards: Path, only: Optional[str] = None, per_doc=None) -> list[Path]:
-    """Every study on a storage -> leaderboards/<preset>/ablations/<study>.trials.json, with the
-    per-document objective of each trial whose runs are in ``per_doc`` (neobench.runs.results.load_per_doc)."""
-    import optuna
-
-    quiet_optuna()
-    written = []
-    for summary in optuna.get_all_study_summaries(storage=storage_url):
-        if only and summary.study_name != only:
-            continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage_url)
-        preset = study.user_attrs.get("preset")
-        if not preset:
-            continue  # not made by neobench ablate
-        path = leaderboards / Path(preset).stem / "ablations" / f"{summary.study_name}.trials.json"
-        write_export(export_trials(study, per_doc), path)
-        written.append(path)
-    return written
 
 
 def render_all(leaderboards: Path, preset: Optional[str] = None) -> list[Path]:

@@ -1,6 +1,6 @@
 """Paired comparisons of the stored rows: each student vs LoRA, KD and SFT on the same documents.
 
-The statistics are neobench.evaluation.paired's (pure functions on arrays); this module picks the
+The statistics are neobench.reporting.paired's (pure functions on arrays); this module picks the
 pairs, lines up each label's per-document scores by seed, and applies Holm's correction per table.
 """
 
@@ -11,7 +11,7 @@ from typing import Optional
 
 import pandas as pd
 
-from neobench.evaluation.paired import Comparison, compare, holm
+from neobench.reporting.paired import Comparison, compare, holm
 from neobench.reporting.selection import REFERENCES, Selection, headline_metrics
 
 BASELINES = {"lora": "LoRA", "kd": "KD", "sft": "SFT"}

@@ -6,7 +6,7 @@
       -> split_protocols     paper (every method at its family's preset rate) and tuned (each method
                              at the rate the tune-lr study chose on the validation split): never mixed
       -> main / variants / efficiency tables  (mean ± 95% CI over seeds, Student-t; one seed: ± stderr)
-      -> paired comparisons  each student vs LoRA and vs KD on the same documents (neobench.evaluation.paired),
+      -> paired comparisons  each student vs LoRA, KD and SFT on the same documents (neobench.reporting.paired),
                              Holm-corrected within a table
       -> md, csv, html, tex files and PNG plots under leaderboards/<preset>/
 

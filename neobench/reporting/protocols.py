@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from neobench.ablation.protocol import TUNING_STUDIES, best_lr_scales
+from neobench.ablation.tuned import TUNING_STUDIES, best_lr_scales
 from neobench.reporting.selection import Selection, student_order
 from neobench.reporting.tables import Table
 from neobench.training.labels import label_of

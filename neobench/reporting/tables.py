@@ -12,8 +12,8 @@ from typing import Optional
 
 import pandas as pd
 
-from neobench.evaluation.paired import significance_mark
 from neobench.reporting.comparisons import BASELINES, Paired
+from neobench.reporting.paired import significance_mark
 from neobench.reporting.selection import REFERENCES, Cell, Selection, column_name, gap_closed, headline_metrics, score_cells
 
 DELTA_METRIC = ("neo_heldout_nll", "nll")

@@ -36,8 +36,9 @@ CONFIG_FILE = "neobench_config.yaml"
 
 def export_run(run: str, runs_dir: str, out: Path, merged: bool = False) -> dict[str, Any]:
     """Write ``run``'s student to ``out``; returns {"kind", "files", "bytes", "seconds"}."""
-    from neobench.runs.experiment import find_run
-    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
+    from neobench.runs.store import find_run
+    from neobench.training.loop import WEIGHTS_FILE, load_trained_student
+    from neobench.training.workspace import prepare
 
     started = time.perf_counter()
     run_dir = find_run(run, runs_dir)
@@ -240,7 +241,7 @@ neobench run --preset neobench_config.yaml
 
 
 def _data_card(train_data: str) -> str:
-    from neobench.data.synth import PACKAGED_DATA_DIR
+    from neobench.data.examples import PACKAGED_DATA_DIR
 
     card = PACKAGED_DATA_DIR / train_data / "DATACARD.md"
     return f"; its card: `neobench/data/{train_data}/DATACARD.md` in neobench" if card.is_file() else ""

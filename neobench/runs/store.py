@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 import yaml
 
+from neobench.core.errors import NeobenchError
+from neobench.evaluation.catalog import EvalSpec, content_sha
 from neobench.runs.config import RunConfig
 
 
@@ -120,7 +122,6 @@ class RunWriter:
 
 def unfinished_run(runs_dir: str | Path, run_id: str) -> Path:
     """The directory of an unfinished run that can be resumed, or a one-line error saying why not."""
-    from neobench.core.errors import NeobenchError
     from neobench.training.checkpoint import latest
 
     runs_dir = Path(runs_dir)
@@ -161,3 +162,16 @@ def finished_like(cfg: RunConfig) -> Optional[Path]:
         if scored and {k: v for k, v in {**RunConfig().to_dict(), **stored}.items() if k not in BOOKKEEPING} == wanted:
             return run
     return None
+
+
+def find_run(run: str, runs_dir: str) -> Path:
+    """A run directory from a path or a run id under ``runs_dir``."""
+    for path in (Path(run), Path(runs_dir) / run):
+        if (path / "config.yaml").is_file() and (path / "metrics.json").is_file():
+            return path
+    raise NeobenchError(f"no run {run!r}: not a run directory nor a run id under {runs_dir}/ (`ls {runs_dir}` lists them)")
+
+
+def evaluation_file(run_dir: Path, spec: EvalSpec) -> Path:
+    """Where a run keeps the results of one evaluation spec: evaluations/<spec hash>.json."""
+    return Path(run_dir) / "evaluations" / f"{content_sha(spec.to_dict())[:12]}.json"

@@ -12,5 +12,6 @@ per-step log, and a record of what the run consumed.
     distributed    torchrun worlds, DDP / FSDP2, gradient sync
     checkpoint     checkpoints inside an unfinished run, exact resume
     memory         peak memory of a block of work
+    workspace      a run's models and tokenized data, prepared before its first step
     loop           the one training loop, its budget and cost record, the divergence guard
 """

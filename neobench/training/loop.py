@@ -1,6 +1,6 @@
 """The one training loop. Methods differ only in data: which weights train and which objective.
 
-    setup  : resolve teacher/student, tokenize data, check the shared vocabulary   (Workspace)
+    setup  : resolve teacher/student, tokenize data, check the shared vocabulary   (training.workspace)
     train  : for each optimizer step, for each micro-batch: forward, objective, backward
     record : budget actually consumed + cost (time, memory, parameters) + final losses
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -18,109 +18,20 @@ import torch
 
 from neobench.core.errors import NeobenchError
 from neobench.core.stopping import STOP, Interrupted, injected_fault, signal_point
-from neobench.data.examples import TokenizedData, collate, example_order, load_training_data, resolve_data_file
+from neobench.data.examples import collate, example_order
 from neobench.models.adapters import apply_adapter
-from neobench.models.loading import check_shared_vocabulary, load_causal_lm, load_tokenizer, output_rows, pick_device, resolve_model
-from neobench.models.precision import autocast, dtype_name, pick_dtype
+from neobench.models.loading import load_causal_lm
+from neobench.models.precision import autocast, dtype_name
 from neobench.training.distributed import World
-from neobench.training.fused_loss import LogitHead, LossSpec, TeacherHidden, check_head, fused_loss, scored_hidden
+from neobench.training.fused_loss import LogitHead, LossSpec, check_head, fused_loss
 from neobench.training.losses import TeacherLogProbs, next_token_targets
 from neobench.training.memory import PeakMemory
 from neobench.training.methods import METHODS, Method
 from neobench.training.optimizers import OPTIMIZERS
-from neobench.training.prune import parse_pruned_spec, pruned_student_dir
+from neobench.training.workspace import Workspace
 
 if TYPE_CHECKING:  # the loop reads a RunConfig's fields; the runs stage above defines and validates it
     from neobench.runs.config import RunConfig
-
-
-@dataclass
-class Workspace:
-    """Everything a run needs besides its student: resolved model paths, tokenized data, the teacher (loaded lazily)."""
-
-    teacher_path: str
-    student_path: str
-    tokenizer: object
-    data: TokenizedData
-    vocab_size: int
-    device: str
-    dtype: torch.dtype
-    world: World = World()
-    strategy: str = "ddp"
-    _teacher: Optional[torch.nn.Module] = field(default=None, repr=False)
-    _teacher_head: Optional[LogitHead] = field(default=None, repr=False)
-    _teacher_sharded: Optional[torch.nn.Module] = field(default=None, repr=False)
-
-    def teacher(self) -> torch.nn.Module:
-        """The frozen teacher, whole, held in the run's compute dtype (it needs no fp32 master copy)."""
-        if self._teacher is None:
-            self._teacher = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
-            self._teacher_head = LogitHead.of(self._teacher, self.vocab_size)
-            check_head(self._teacher, self._teacher_head, self.teacher_path)
-        return self._teacher
-
-    @property
-    def shards_teacher(self) -> bool:
-        return self.world.distributed and self.strategy == "fsdp"
-
-    def load_teacher_for_training(self) -> None:
-        """The teacher as training runs it: whole, or under FSDP sharded like the student."""
-        if not self.shards_teacher:
-            self.teacher()
-        elif self._teacher_sharded is None:
-            from neobench.training.distributed import shard
-
-            model = load_causal_lm(self.teacher_path, self.dtype, self.device).eval().requires_grad_(False)
-            check_head(model, LogitHead.of(model, self.vocab_size), self.teacher_path)
-            self._teacher_sharded = shard(model, self.world, self.dtype, reshard_after_forward=True)
-
-    def teacher_hidden(self, batch: dict, mask: torch.Tensor) -> TeacherHidden:
-        """The teacher's last hidden states at the scored positions, with its head; no logits, no autograd record."""
-        self.load_teacher_for_training()
-        if self._teacher_sharded is None:
-            with torch.inference_mode(), autocast(self.device, self.dtype):
-                hidden = scored_hidden(self._teacher, batch, mask)
-            return TeacherHidden(hidden.clone(), self._teacher_head)  # clone: a normal tensor autograd may see
-        # FSDP gathers parameters in place, which inference tensors forbid: no_grad instead.
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            hidden = self._teacher_sharded(batch["input_ids"], batch["attention_mask"], mask)
-        # The root stays gathered after its forward (FSDP's rule for roots): its head is whole now.
-        return TeacherHidden(hidden, LogitHead.of(self._teacher_sharded.model, self.vocab_size))
-
-    def release_teacher_shards(self) -> None:
-        """Free the gathered root of a sharded teacher once its outputs are used (reshard_after_forward)."""
-        if self._teacher_sharded is not None:
-            self._teacher_sharded.reshard()
-
-
-def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
-    """Resolve models, tokenize the data and check that teacher and student share a vocabulary.
-
-    Cheap checks (device, data file, student path) come before anything slow (dequantizing
-    or pruning), so a typo fails in a second, not after minutes.
-    """
-    from neobench.training.distributed import init, rank_device
-
-    device = pick_device(cfg.device)
-    world = init(device)
-    device = rank_device(device, world)
-    dtype = pick_dtype(cfg.dtype, device)
-    resolve_data_file(cfg.train_data, cfg.train_split)
-    keep = parse_pruned_spec(cfg.student)
-    student_path = resolve_model(cfg.student) if keep is None else None
-    teacher_path = resolve_model(cfg.teacher)
-    if keep is not None:
-        student_path = str(pruned_student_dir(teacher_path, keep, cfg.train_data, cfg.train_split))
-    tokenizer = load_tokenizer(student_path)
-    data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples)
-    ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype, world, cfg.strategy)
-    if need_teacher:
-        # Checked on tokenizers and configs, before any weights are loaded or steps taken.
-        ws.vocab_size = check_shared_vocabulary(
-            load_tokenizer(teacher_path), tokenizer, output_rows(teacher_path), output_rows(student_path),
-            cfg.teacher, cfg.student,
-        )
-    return ws
 
 
 def lr_multiplier(step: int, n_steps: int, warmup_steps: int) -> float:

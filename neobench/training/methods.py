@@ -69,7 +69,7 @@ def objective(
     """The method's loss on one batch, from materialised logits: the reference definition.
 
     Training does not call this: it computes the same objective from hidden states without ever
-    holding [B, T, V] logits (neobench.training.fused_loss, through train.offline_objective); tests pin the
+    holding [B, T, V] logits (neobench.training.fused_loss, through loop.offline_objective); tests pin the
     two against each other.
 
     student_logits, teacher_logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX outside responses.

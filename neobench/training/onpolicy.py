@@ -70,7 +70,7 @@ def sample_responses(
 def minillm_objective(
     cfg, ws, student, scorer, student_head, gold_batch: dict, examples: list[Example], step_seed: int
 ) -> tuple[dict, float]:
-    """MiniLLM's loss on one micro-batch; returns (parts as from train.offline_objective, generation seconds).
+    """MiniLLM's loss on one micro-batch; returns (parts as from loop.offline_objective, generation seconds).
 
     Like every method's, the loss is in units of the gold response tokens: ``parts["tokens"]``
     counts them and the loop divides by the step's count, so budgets and accumulation weights

@@ -18,7 +18,7 @@ from torch import nn
 
 from neobench.core.errors import NeobenchError
 from neobench.data.examples import collate, load_training_data
-from neobench.models.loading import atomic_directory, cache_dir, load_causal_lm, load_tokenizer
+from neobench.models.loading import atomic_directory, cache_dir, load_causal_lm, load_tokenizer, model_fingerprint
 
 CALIBRATION_EXAMPLES = 64
 CALIBRATION_SEQ_LEN = 256
@@ -123,23 +123,3 @@ def pruned_student_dir(teacher_path: str, keep: int, data_spec: str, data_split:
         tokenizer.save_pretrained(tmp)
         (tmp / "prune_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
-
-
-def model_fingerprint(path: str) -> str:
-    """A cheap content fingerprint of a model directory: config plus size and edges of every weight file.
-
-    Hashing multi-GB weights in full would take minutes; the first and last MiB of each file
-    change with any re-save or fine-tune in practice.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
-    digest = hashlib.sha256((root / "config.json").read_bytes())
-    for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}|{size}".encode())
-        with weights.open("rb") as f:
-            digest.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            digest.update(f.read(1 << 20))
-    return digest.hexdigest()

@@ -71,7 +71,7 @@ class TeacherCache:
     @classmethod
     def for_run(cls, mode: CacheMode, teacher_path: str, data_hash: str, seq_len: int, temperature: float, vocab_size: int) -> "TeacherCache":
         from neobench.models.loading import cache_dir
-        from neobench.training.prune import model_fingerprint
+        from neobench.models.loading import model_fingerprint
 
         key = hashlib.sha256(
             json.dumps([model_fingerprint(teacher_path), data_hash, seq_len, temperature, str(mode), vocab_size]).encode()

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from neobench.runs.config import RunConfig, apply_overrides
 from neobench.training.distributed import close
-from neobench.training.loop import prepare, train
+from neobench.training.loop import train
+from neobench.training.workspace import prepare
 
 
 class StopHere(Exception):
@@ -31,7 +32,7 @@ def main() -> None:
     for case in plan:
         cfg = apply_overrides(RunConfig(), case["config"], case["name"])
         if case.get("execute"):
-            from neobench.runs.experiment import execute
+            from neobench.runs.execute import execute
 
             execute(cfg, run_id=case["name"])
             continue

@@ -1,8 +1,12 @@
-"""Planning and executing runs: `neobench run` trains each run in its own process.
+"""Planning and executing runs: one run trained then scored, and a matrix of runs, each in its own process.
 
-The parent validates the inputs and builds the shared artefacts (dequantized teacher, pruned
-student) once; then every run gets a fresh `neobench run` process, so its peak memory is its own.
-A process that has trained KD keeps the freed pages of its optimizer state in its heap, which
+    plan          the runs a `neobench run` invocation means (validated)
+    execute       one run: train, write the run directory atomically, score the student
+    execute_many  a matrix: the parent validates the inputs and builds the shared artefacts
+                  (dequantized teacher, pruned student) once, then every run gets a fresh
+                  `neobench run` process (run_in_child), so its peak memory is its own
+
+A process per run, because one that has trained KD keeps the freed pages of its optimizer state in its heap, which
 would inflate the next run's figure. A child costs about 10 s (imports, tokenizing the data),
 small next to minutes of training.
 """
@@ -67,7 +71,8 @@ def _execute(cfg: RunConfig, run_id: Optional[str], after_step, resume: bool) ->
     from neobench.runs.store import FAILURE_FILE
     from neobench.training import checkpoint as ckpt
     from neobench.training.distributed import broadcast_object
-    from neobench.training.loop import WEIGHTS_FILE, Diverged, planned_steps, prepare, train
+    from neobench.training.loop import WEIGHTS_FILE, Diverged, planned_steps, train
+    from neobench.training.workspace import prepare
 
     method = METHODS.get(cfg.method)
     started = time.perf_counter()
@@ -189,9 +194,10 @@ def step_board(target: str, log_dir: Path):
 
 def evaluate_student(cfg: RunConfig, ws, student, run_dir: Path, taskset) -> dict:
     """Score a trained student and the reference models; store all rows in the run directory."""
-    from neobench.models.adapters import merged_copy
     from neobench.evaluation.catalog import FIDELITY, lm_eval_version
-    from neobench.evaluation.harness import evaluate, evaluation_file, model_evaluation, scores_table, write_json_atomic
+    from neobench.evaluation.harness import evaluate, model_evaluation, scores_table, write_json_atomic
+    from neobench.models.adapters import merged_copy
+    from neobench.runs.store import evaluation_file
 
     spec = taskset.spec
     teacher = ws.teacher() if FIDELITY in spec.tasks else None
@@ -232,7 +238,7 @@ class ChildDiverged(Exception):
 
 def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     """Run each config in its own `neobench run` process, or torchrun of ``nproc`` (see the module docstring)."""
-    from neobench.training.loop import prepare
+    from neobench.training.workspace import prepare
 
     # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
     ws = prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
@@ -322,68 +328,6 @@ def summary_table(results: list[dict]) -> Table:
             f"{final['ce']:.3f}", f"{final['kd']:.3f}" if r["loss"] else "-",
         )
     return table
-
-
-def find_run(run: str, runs_dir: str) -> Path:
-    """A run directory from a path or a run id under ``runs_dir``."""
-    for path in (Path(run), Path(runs_dir) / run):
-        if (path / "config.yaml").is_file() and (path / "metrics.json").is_file():
-            return path
-    raise NeobenchError(f"no run {run!r}: not a run directory nor a run id under {runs_dir}/ (`ls {runs_dir}` lists them)")
-
-
-def evaluate_run(run: str, runs_dir: str, eval_overrides: dict) -> dict:
-    """`neobench eval --run`: rebuild the run's student from its stored weights and score it."""
-    from neobench.evaluation.catalog import FIDELITY, EvalSpec, load_tasks, parse_task_list
-    from neobench.runs.config import apply_overrides, load_preset
-    from neobench.training.loop import WEIGHTS_FILE, load_trained_student, prepare
-
-    run_dir = find_run(run, runs_dir)
-    stored = load_preset(str(run_dir / "config.yaml"))
-    if "eval_tasks" not in eval_overrides and not parse_task_list(stored.eval_tasks):
-        # A run trained with --tasks none was "not now", not "never": score it on its preset's suite.
-        eval_overrides = {**eval_overrides, "eval_tasks": preset_tasks(stored.preset)}
-    cfg = validate(apply_overrides(stored, eval_overrides, "command-line flags"))
-    weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise NeobenchError(f"run {run_dir.name} stored no weights (it ran with save_weights off); train it again to evaluate it")
-    spec = EvalSpec.from_config(cfg)
-    if not spec.tasks:
-        raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
-    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
-    taskset = load_tasks(spec, ws.student_path)
-    return evaluate_student(cfg, ws, load_trained_student(cfg, ws, weights), run_dir, taskset)
-
-
-def preset_tasks(preset: str) -> str:
-    """The evaluation tasks of a packaged preset (the default suite for a preset file that is gone)."""
-    from neobench.runs.config import PRESETS, load_preset
-
-    from neobench.evaluation.catalog import parse_task_list
-
-    tasks = load_preset(preset).eval_tasks if preset in PRESETS else RunConfig.eval_tasks
-    return tasks if parse_task_list(tasks) else RunConfig.eval_tasks
-
-
-def evaluate_model(model: str, preset: str, eval_overrides: dict) -> dict:
-    """`neobench eval --model`: score any model (cached by content) on the preset's evaluation."""
-    from neobench.evaluation.catalog import FIDELITY, EvalSpec, load_tasks
-    from neobench.evaluation.harness import model_evaluation, scores_table
-    from neobench.runs.config import apply_overrides, load_preset
-    from neobench.training.loop import prepare
-
-    cfg = validate(apply_overrides(load_preset(preset), {**eval_overrides, "student": model}, "command-line flags"))
-    spec = EvalSpec.from_config(cfg)
-    if not spec.tasks:
-        raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
-    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
-    taskset = load_tasks(spec, ws.student_path)
-    result = model_evaluation(
-        "model", ws.student_path, taskset, ws.device, ws.dtype, teacher_path=ws.teacher_path, vocab_size=ws.vocab_size
-    )
-    how = "cached scores" if result["cached"] else f"scored in {result['seconds']:.0f} s"
-    console.print(scores_table([(model, result["rows"])], title=f"scores (± stderr), {how}"))
-    return result
 
 
 def matrix_scores(results: list[dict]):
