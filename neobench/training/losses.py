@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from neobench.core.registry import Registry
-from neobench.data.examples import IGNORE_INDEX  # noqa: F401  (re-exported: the losses' label convention)
+from neobench.data.examples import IGNORE_INDEX
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
