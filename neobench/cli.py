@@ -45,6 +45,7 @@ def run(
     batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch.", rich_help_panel=BUDGET),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step.", rich_help_panel=BUDGET),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (0: one epoch).", rich_help_panel=BUDGET),
+    budgets: Optional[str] = typer.Option(None, help="Train the plan at several budgets, e.g. 12,48,192,E (optimizer steps; E: one epoch of the training data). Each run gets its own schedule (10%% warm-up, cosine to the end of its budget), never a prefix of a longer run.", rich_help_panel=BUDGET),
     max_wall_seconds: Optional[float] = typer.Option(None, help="Stop training after this many seconds (0: no cap).", rich_help_panel=BUDGET),
     lr: Optional[float] = typer.Option(None, help="Learning rate of full fine-tuning (sft, kd).", rich_help_panel=OPTIM),
     adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
@@ -64,7 +65,7 @@ def run(
     jsd_beta: Optional[float] = typer.Option(None, help="beta of --loss jsd (0: forward KL, 1: reverse KL).", rich_help_panel=KD),
     skew_alpha: Optional[float] = typer.Option(None, help="alpha of the skew KLs (DistiLLM; default 0.1).", rich_help_panel=KD),
     loss_chunk_tokens: Optional[int] = typer.Option(None, help="Tokens per chunk of the fused projection + loss (bounds its fp32 tokens-by-vocabulary tiles; 0: one chunk).", rich_help_panel=KD),
-    teacher_cache: Optional[str] = typer.Option(None, help="Reuse teacher outputs across runs: off, dense or topk:K.", rich_help_panel=KD),
+    teacher_cache: Optional[str] = typer.Option(None, help="Reuse teacher outputs across runs: off, hidden (its last hidden states: exact, the default), dense or topk:K (log-probabilities: approximate).", rich_help_panel=KD),
     minillm_max_new_tokens: Optional[int] = typer.Option(None, help="Tokens the student samples per prompt.", rich_help_panel=MINILLM),
     minillm_temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the student.", rich_help_panel=MINILLM),
     minillm_gold_fraction: Optional[float] = typer.Option(None, help="Share of each micro-batch that keeps its gold response.", rich_help_panel=MINILLM),
@@ -96,6 +97,7 @@ def run(
     neobench run --method kd             one baseline
     neobench run                         the matrix: sft, lora, kd, neo under one budget
     neobench run --seeds 3               the matrix for seeds 0, 1, 2
+    neobench run --budgets 12,48,192,E   the matrix at 4 budgets (E: one epoch)
     neobench run --method kd --nproc 2   one run on 2 processes (torchrun; same budget as 1 process)
     neobench run --save-every 50         checkpoints; after a kill: neobench run --resume RUN_ID
 
@@ -127,7 +129,7 @@ def run(
         **eval_flags(tasks, limit, num_fewshot, eval_batch_size, chat_template),
     }
     given = {k: v for k, v in flags.items() if v is not None}
-    run_command(given, (method, variant, seeds, preset), protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial)
+    run_command(given, (method, variant, seeds, preset), protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial, budgets)
 
 
 def eval_flags(tasks, limit, num_fewshot, batch_size, chat_template) -> dict:

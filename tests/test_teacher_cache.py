@@ -60,5 +60,42 @@ def test_corrupt_or_mismatched_entries_are_rebuilt_not_used(kd_cfg):
 
 @pytest.mark.parametrize("spec", ["topk", "topk:0", "sparse", "topk:x"])
 def test_bad_cache_modes_say_what_is_valid(spec):
-    with pytest.raises(NeobenchError, match="must be off, dense or topk:K"):
+    with pytest.raises(NeobenchError, match="must be off, hidden, dense or topk:K"):
         CacheMode.parse(spec)
+
+
+def test_hidden_state_cache_gives_the_online_losses_and_a_full_cache_never_loads_the_teacher(kd_cfg):
+    """hidden: the teacher's last hidden states + its head, projected by the loss as if it ran (exact)."""
+    from neobench.training.teacher_cache import fill
+
+    online = train(kd_cfg, prepare(kd_cfg)).log
+    cfg = dataclasses.replace(kd_cfg, teacher_cache="hidden")
+    ws = prepare(cfg)
+    cache = TeacherCache.for_run(CacheMode.parse("hidden"), ws.teacher_path, ws.data.data_hash, cfg.seq_len,
+                                 cfg.temperature, ws.vocab_size, ws.dtype)
+    assert fill(cache, ws) == len(ws.data.examples) and ws._teacher is not None  # the whole data set, once
+    assert fill(cache, prepare(cfg)) == 0  # nothing left to run
+    for method in ("kd", "neo"):
+        ws = prepare(cfg)
+        run = train(dataclasses.replace(cfg, method=method), ws)
+        assert run.record["cost"]["teacher_cache"]["misses"] == 0 and ws._teacher is None, "complete cache: no teacher"
+        if method == "kd":
+            assert losses(run.log) == pytest.approx(losses(online), rel=1e-6, abs=1e-7)
+    # A corrupt head is not used: the next run loads the teacher, which stores it again.
+    head = cache.root / TeacherCache.HEAD_FILE
+    head.write_bytes(head.read_bytes()[:-5] + b"wrong")
+    ws = prepare(cfg)
+    again = train(cfg, ws).log
+    assert ws._teacher is not None and losses(again) == pytest.approx(losses(online), rel=1e-6, abs=1e-7)
+    assert TeacherCache(cache.root, cache.mode, 1.0, ws.vocab_size).load_head("cpu") is not None
+
+
+def test_hidden_state_cache_is_per_compute_dtype(kd_cfg):
+    ws = prepare(kd_cfg)
+    key = lambda dtype: TeacherCache.for_run(CacheMode.parse("hidden"), ws.teacher_path, ws.data.data_hash,  # noqa: E731
+                                             kd_cfg.seq_len, 1.0, ws.vocab_size, dtype).root
+    import torch
+
+    assert key(torch.float32) != key(torch.bfloat16)
+    assert key(torch.float32) == TeacherCache.for_run(CacheMode.parse("hidden"), ws.teacher_path, ws.data.data_hash,
+                                                      kd_cfg.seq_len, 2.0, ws.vocab_size, torch.float32).root

@@ -5,6 +5,7 @@ one run (a matrix's child, or an ablation trial). Stops and divergence become ex
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import typer
@@ -16,16 +17,31 @@ PROTOCOLS = ("paper", "tuned")
 
 
 def run_command(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc: int, resume: Optional[str],
-                runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str]) -> None:
+                runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str], budgets: Optional[str] = None) -> None:
     """`neobench run`: from here on a signal takes the one stop path (neobench.core.stopping)."""
     from neobench.core.stopping import STOP
 
     with STOP.watching("setup"):
-        run_plan(given, choices, protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial)
+        run_plan(given, choices, protocol, skip_done, nproc, resume, runs_dir, run_id, optuna_trial, budgets)
+
+
+def parse_budgets(spec: str) -> list[int]:
+    """'12,48,192,E' -> [12, 48, 192, 0]: optimizer steps per budget, 0 (E) for one epoch; in the order given."""
+    steps = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part.upper() == "E":
+            steps.append(0)
+        elif part.isdigit() and int(part) > 0:
+            steps.append(int(part))
+        else:
+            raise NeobenchError(f"--budgets takes optimizer steps and E (one epoch), comma-separated, e.g. 12,48,192,E; got {part!r}")
+    if len(set(steps)) < len(steps):
+        raise NeobenchError(f"--budgets names a budget twice: {spec!r}")
+    return steps
 
 
 def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc: int, resume: Optional[str],
-             runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str]) -> None:
+             runs_dir: Optional[str], run_id: Optional[str], optuna_trial: Optional[str], budgets: Optional[str] = None) -> None:
     """`neobench run` once its flags are parsed: a resumed run, a run process's one run, or the plan."""
     from neobench.core.stopping import STOPPED_EXIT, Stopped
     from neobench.runs.config import apply_overrides, load_preset
@@ -37,6 +53,11 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
     under_torchrun = launched_world().distributed
     if nproc > 1 and under_torchrun:
         raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
+    if budgets is not None and "max_steps" in given:
+        raise NeobenchError("--budgets sets --max-steps for each budget; leave --max-steps out")
+    if budgets is not None and (resume is not None or run_id is not None):
+        raise NeobenchError("--budgets plans new runs; it does not go with --resume")
+    steps_per_budget = parse_budgets(budgets) if budgets is not None else None
     if resume is not None:
         base, world = None, launched_world()
     else:
@@ -48,7 +69,10 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
         if run_id is not None:  # a child of execute_many or an ablation: the preset file is the resolved config
             run_child(plan(base, base.method, base.variant)[0], run_id, optuna_trial)
             return
-        cfgs = plan(base, method, variant, seeds)
+        if steps_per_budget is None:
+            cfgs = plan(base, method, variant, seeds)
+        else:  # every budget is its own runs: a schedule of its own, never a prefix of a longer run
+            cfgs = [c for steps in steps_per_budget for c in plan(dataclasses.replace(base, max_steps=steps), method, variant, seeds)]
         if protocol not in PROTOCOLS:
             raise NeobenchError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
         if protocol == "tuned":

@@ -247,6 +247,7 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     spec = EvalSpec.from_config(cfgs[0])
     if spec.tasks:  # fail on a bad task name or missing data before the first run trains
         load_tasks(spec, ws.student_path)
+    fill_teacher_caches(cfgs, ws)
     results = []
     for i, cfg in enumerate(cfgs, 1):
         if STOP.requested:
@@ -263,6 +264,31 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
             raise NeobenchError(f"run {run_label(cfg)} seed {cfg.seed} failed (exit {code}); finished runs are kept in {cfg.runs_dir}")
         results.append({**read_run(Path(cfg.runs_dir) / run_id), "run_dir": str(Path(cfg.runs_dir) / run_id)})
     return results
+
+
+def fill_teacher_caches(cfgs: list[RunConfig], ws) -> None:
+    """Run the teacher once over the whole data set for every teacher cache the planned runs read,
+    so that across a matrix (methods, seeds, budgets) the teacher runs once per example."""
+    from neobench.training.teacher_cache import CacheMode, TeacherCache, fill
+
+    keys = {}
+    for cfg in cfgs:
+        method = METHODS.get(cfg.method)
+        if method.uses_teacher and not method.on_policy and cfg.teacher_cache != "off":
+            keys[(cfg.teacher_cache, cfg.temperature)] = cfg
+    if not keys:
+        return
+    if any(c.train_data != cfgs[0].train_data or c.seq_len != cfgs[0].seq_len or c.max_examples != cfgs[0].max_examples
+           for c in keys.values()):
+        return  # other data than the workspace's: each run fills its own entries as it goes
+    for mode, temperature in sorted(keys):
+        cache = TeacherCache.for_run(CacheMode.parse(mode), ws.teacher_path, ws.data.data_hash, cfgs[0].seq_len, temperature,
+                                     ws.vocab_size, ws.dtype)
+        ran = fill(cache, ws)
+        if ran:
+            console.print(f"teacher cache ({mode}): the teacher ran on {ran} examples; every run reads them from {cache.root}",
+                          highlight=False)
+    ws._teacher = ws._teacher_head = None  # the runs are other processes: free it here
 
 
 TORCHRUN_SHUTDOWN_SECONDS = 600

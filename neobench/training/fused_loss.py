@@ -182,7 +182,7 @@ def chunk_terms(
     if isinstance(teacher, TeacherHidden):
         with torch.no_grad():
             z_t = teacher.head.transform(project(teacher.hidden, teacher.head, compute_dtype))
-            teacher = TeacherLogProbs(F.log_softmax(z_t / temperature, dim=-1))
+            teacher = TeacherLogProbs(F.log_softmax(z_t if temperature == 1.0 else z_t / temperature, dim=-1))
     log_s, log_t = over_teacher_outcomes(log_s, teacher)
     kd = DIVERGENCES.get(spec.divergence).per_token(log_s, log_t, spec.param).sum() * temperature**2
     return ce, kd
@@ -218,7 +218,9 @@ def closed_form_terms(
     if teacher is not None and spec.kd_weight:
         if isinstance(teacher, TeacherHidden):
             with torch.no_grad():
-                log_t = F.log_softmax(teacher.head.transform(project(teacher.hidden, teacher.head, compute_dtype)) / temperature, -1)
+                z_t = teacher.head.transform(project(teacher.hidden, teacher.head, compute_dtype))
+                log_t = F.log_softmax(z_t if temperature == 1.0 else z_t / temperature, -1)  # / 1 would be a pass over [n, V]
+                del z_t
         else:
             log_t = teacher.log_probs.to(z_s.dtype, copy=True)  # ours to overwrite below
         p_t = log_t.exp()
@@ -257,7 +259,7 @@ class _FusedLoss(torch.autograd.Function):
         need_any = need_hidden or need_weight or need_bias
         acc = accumulation_dtype(compute_dtype)
         grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_weight = None  # [V', H]: the first chunk's product, then each later one added in place
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         weight_c = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)  # cast once, not per chunk
         head_c = LogitHead(weight_c, bias, student_head.vocab_size, student_head.scale, student_head.softcap)
@@ -288,7 +290,10 @@ class _FusedLoss(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = (grad_c @ weight_c).to(acc)
             if need_weight:
-                grad_weight.add_((grad_c.t() @ h).to(acc))
+                part = grad_c.t() @ h
+                # add_ reads a bf16 product as it adds: no fp32 copy of [V', H] per chunk
+                grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
+                del part
             if need_bias:
                 grad_bias.add_(grad_raw.sum(0))
             del raw, grad_raw, grad_c
@@ -304,7 +309,7 @@ class _FusedLoss(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         return (
             None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype),
-            None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
+            None if grad_weight is None else grad_weight.mul_(grad_total).to(weight_dtype),  # ours: scaled in place
             None if grad_bias is None else (grad_bias * grad_total).to(weight_dtype),
             None, None, None, None, None,
         )

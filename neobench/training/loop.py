@@ -24,7 +24,7 @@ from neobench.models.loading import load_causal_lm
 from neobench.models.precision import autocast, dtype_name
 from neobench.training.distributed import World
 from neobench.training.fused_loss import LogitHead, LossSpec, check_head, fused_loss
-from neobench.training.losses import TeacherLogProbs, next_token_targets
+from neobench.training.losses import next_token_targets
 from neobench.training.memory import PeakMemory
 from neobench.training.methods import METHODS, Method
 from neobench.training.optimizers import OPTIMIZERS
@@ -77,22 +77,30 @@ def group_by_length(picks: list[int], lengths: list[int], batch_size: int) -> li
     return [ordered[k : k + batch_size] for k in range(0, len(ordered), batch_size)]
 
 
-def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks: list[int], counts: dict) -> TeacherLogProbs:
-    """The micro-batch's teacher distributions from the cache, running the teacher for missing examples."""
-    from neobench.training.fused_loss import project
-    from neobench.training.teacher_cache import concat
+def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks: list[int], counts: dict):
+    """The micro-batch's teacher outputs from the cache, running the teacher for missing examples.
+
+    A TeacherHidden (hidden-state cache: the loss projects it as if the teacher had run) or the
+    cached TeacherLogProbs (dense, top-k).
+    """
+    from neobench.training.fused_loss import TeacherHidden
+    from neobench.training.teacher_cache import concat, store_from_hidden
 
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
-    if missing:
+    head = cache.load_head(ws.device) if cache.holds_hidden else None
+    if missing or (cache.holds_hidden and head is None):
         teacher = ws.teacher_hidden(batch, mask)
+        head = teacher.head
         per_example = torch.split(teacher.hidden, mask.sum(1).tolist())
         for j in missing:
-            with torch.no_grad():
-                logits = teacher.head.transform(project(per_example[j], teacher.head, ws.dtype))
-            entries[j] = cache.store(picks[j], ws.data.examples[picks[j]], logits.cpu())
+            entries[j] = store_from_hidden(cache, picks[j], ws.data.examples[picks[j]], per_example[j], head, ws.dtype)
+        if cache.holds_hidden:
+            cache.store_head(head)
     counts["hits"] += len(picks) - len(missing)
     counts["misses"] += len(missing)
+    if cache.holds_hidden:
+        return TeacherHidden(torch.cat(entries).to(ws.device), head)
     merged = concat(entries)
     return type(merged)(*(None if x is None else x.to(ws.device) for x in (merged.log_probs, merged.ids, merged.rest)))
 
@@ -211,7 +219,8 @@ def train(
         from neobench.training.teacher_cache import CacheMode, TeacherCache
 
         cache = TeacherCache.for_run(
-            CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size
+            CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size,
+            ws.dtype,
         )
     # With a cache, the teacher is loaded only if some example of the run is not cached yet.
     # minillm always needs it: the sequences it distils on are sampled fresh at every step.

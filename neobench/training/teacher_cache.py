@@ -1,6 +1,6 @@
-"""Teacher-logit cache: the teacher's distributions on training examples, computed once and reused.
+"""Teacher cache: the teacher's outputs on training examples, computed once and reused.
 
-    --teacher-cache off | dense | topk:K
+    --teacher-cache off | hidden | dense | topk:K
 
 Every KD-based run of a matrix, seed or ablation trial that trains on the same examples with the
 same teacher reuses them: a run whose examples are all cached never loads the teacher. Entries
@@ -9,10 +9,15 @@ are per training example (its response positions only) under
     <neobench cache>/teacher-logits/<key>/ex-<index>.safetensors
 
 where the key covers the teacher's fingerprint, the data hash, seq_len, the temperature and the
-mode. dense stores fp16 log-probabilities over the vocabulary [n, V]; topk:K stores the K most
-likely tokens' fp16 log-probabilities and int32 ids [n, K] and the remaining probability mass
-[n] (fp32). Each file carries a sha256 of its tensors and of the example's tokens; a file that
-fails either check is rebuilt, never used.
+mode. hidden stores the teacher's last hidden state [n, H] in the run's compute dtype, and its
+output head once (head.safetensors): the loss then projects them chunk by chunk exactly as it
+does with the teacher running (the same values, none of its decoder's compute; 0.4 GB in bf16
+for the 2,000 embedded examples, against 43 GB for dense). dense stores fp16 log-probabilities
+over the vocabulary [n, V]; topk:K stores the K most likely tokens' fp16 log-probabilities and
+int32 ids [n, K] and the remaining probability mass [n] (fp32); both approximate the teacher.
+Each file carries a sha256 of its tensors and of the example's tokens; a file that fails either
+check is rebuilt, never used. fill() runs the teacher over every example not cached yet, once
+for a whole study (`neobench run` does it before a matrix's first run).
 """
 
 from __future__ import annotations
@@ -33,16 +38,16 @@ from neobench.training.losses import TeacherLogProbs, next_token_targets
 @dataclass(frozen=True)
 class CacheMode:
     kind: str
-    """"off", "dense" or "topk"."""
+    """"off", "hidden", "dense" or "topk"."""
     k: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> "CacheMode":
-        if spec in ("off", "dense"):
+        if spec in ("off", "hidden", "dense"):
             return cls(spec)
         if spec.startswith("topk:") and spec[5:].isdigit() and int(spec[5:]) > 0:
             return cls("topk", int(spec[5:]))
-        raise NeobenchError(f"teacher_cache must be off, dense or topk:K (K a positive integer), got {spec!r}")
+        raise NeobenchError(f"teacher_cache must be off, hidden, dense or topk:K (K a positive integer), got {spec!r}")
 
     def __str__(self) -> str:
         return f"topk:{self.k}" if self.kind == "topk" else self.kind
@@ -67,22 +72,36 @@ class TeacherCache:
         self.root, self.mode, self.temperature, self.vocab_size = Path(root), mode, temperature, vocab_size
         self.root.mkdir(parents=True, exist_ok=True)
         self.rebuilt = 0
+        self._head = None  # the loaded head, read and verified once per run
 
     @classmethod
-    def for_run(cls, mode: CacheMode, teacher_path: str, data_hash: str, seq_len: int, temperature: float, vocab_size: int) -> "TeacherCache":
-        from neobench.models.loading import cache_dir
-        from neobench.models.loading import model_fingerprint
+    def for_run(
+        cls, mode: CacheMode, teacher_path: str, data_hash: str, seq_len: int, temperature: float, vocab_size: int,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "TeacherCache":
+        """The cache of one teacher and data set. Hidden states depend on the compute dtype (``dtype``),
+        not on the temperature; log-probabilities the other way round."""
+        from neobench.models.loading import cache_dir, model_fingerprint
 
-        key = hashlib.sha256(
-            json.dumps([model_fingerprint(teacher_path), data_hash, seq_len, temperature, str(mode), vocab_size]).encode()
-        ).hexdigest()[:20]
+        if mode.kind == "hidden":
+            if dtype is None:
+                raise ValueError("a hidden-state cache needs the run's compute dtype")
+            parts = [model_fingerprint(teacher_path), data_hash, seq_len, str(mode), vocab_size, str(dtype)]
+        else:
+            parts = [model_fingerprint(teacher_path), data_hash, seq_len, temperature, str(mode), vocab_size]
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
         return cls(cache_dir() / "teacher-logits" / key, mode, temperature, vocab_size)
+
+    @property
+    def holds_hidden(self) -> bool:
+        return self.mode.kind == "hidden"
 
     def _path(self, index: int) -> Path:
         return self.root / f"ex-{index}.safetensors"
 
-    def load(self, index: int, example) -> Optional[TeacherLogProbs]:
-        """The cached entry of example ``index``, or None if absent, corrupt or made for other tokens."""
+    def load(self, index: int, example) -> Optional[TeacherLogProbs | torch.Tensor]:
+        """The cached entry of example ``index`` (hidden states [n, H] in hidden mode), or None if absent,
+        corrupt or made for other tokens."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
@@ -99,7 +118,67 @@ class TeacherCache:
             path.unlink(missing_ok=True)  # corrupt or mismatched: rebuild, never use
             self.rebuilt += 1
             return None
+        if self.holds_hidden:
+            return tensors["hidden"]
         return TeacherLogProbs(tensors["log_probs"], tensors.get("ids"), tensors.get("rest"))
+
+    def _write(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.root / f".{name}.{os.getpid()}.tmp"
+        save_file(tensors, str(tmp), metadata={**meta, "sha256": _tensor_digest(tensors)})
+        os.replace(tmp, self.root / name)  # atomic: a reader sees the whole file or none
+
+    def has(self, index: int) -> bool:
+        return self._path(index).is_file()
+
+    def store_hidden(self, index: int, example, hidden: torch.Tensor) -> torch.Tensor:
+        """Cache the teacher's last hidden states [n, H] at one example's n scored positions (hidden mode)."""
+        mask, _ = next_token_targets(torch.tensor([example.labels]))
+        if hidden.shape[0] != int(mask.sum()):
+            raise ValueError(f"example {index} has {int(mask.sum())} scored positions, got {hidden.shape[0]} rows")
+        tensors = {"hidden": hidden.detach().cpu().contiguous()}
+        self._write(self._path(index).name, tensors, {"example": example_digest(example.input_ids, example.labels)})
+        return tensors["hidden"]
+
+    HEAD_FILE = "head.safetensors"
+
+    def store_head(self, head) -> None:
+        """The teacher's output head (a neobench.training.fused_loss.LogitHead), once per cache (hidden mode)."""
+        if (self.root / self.HEAD_FILE).is_file():
+            return
+        tensors = {"weight": head.weight.detach().cpu().contiguous()}
+        if head.bias is not None:
+            tensors["bias"] = head.bias.detach().cpu().contiguous()
+        meta = {"vocab_size": str(head.vocab_size), "scale": repr(head.scale), "softcap": repr(head.softcap)}
+        self._write(self.HEAD_FILE, tensors, meta)
+
+    def load_head(self, device: str):
+        """The teacher's head as stored, or None (absent or corrupt: the teacher is loaded and stores it again)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        from neobench.training.fused_loss import LogitHead
+
+        if self._head is not None:
+            return self._head
+        path = self.root / self.HEAD_FILE
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError):
+            meta, tensors = {}, {}
+        if meta.get("sha256") != _tensor_digest(tensors):
+            path.unlink(missing_ok=True)
+            return None
+        softcap = None if meta["softcap"] == "None" else float(meta["softcap"])
+        bias = tensors.get("bias")
+        self._head = LogitHead(tensors["weight"].to(device), None if bias is None else bias.to(device), int(meta["vocab_size"]),
+                               float(meta["scale"]), softcap)
+        return self._head
 
     def store(self, index: int, example, response_logits: torch.Tensor) -> TeacherLogProbs:
         """Cache the teacher's distributions at the response positions of one example.
@@ -107,8 +186,6 @@ class TeacherCache:
         response_logits: [n, V'] at the example's n scored positions (those whose next token is a
         response token), in order; V' may exceed V (padding rows, dropped here).
         """
-        from safetensors.torch import save_file
-
         mask, _ = next_token_targets(torch.tensor([example.labels]))
         if response_logits.shape[0] != int(mask.sum()):
             raise ValueError(f"example {index} has {int(mask.sum())} scored positions, got {response_logits.shape[0]} rows")
@@ -119,10 +196,7 @@ class TeacherCache:
         else:
             values, ids = log_probs.topk(min(self.mode.k, self.vocab_size), dim=-1)
             tensors = {"log_probs": values.half(), "ids": ids.int(), "rest": (1 - values.exp().sum(-1)).clamp_min(0)}
-        meta = {"sha256": _tensor_digest(tensors), "example": example_digest(example.input_ids, example.labels)}
-        tmp = self.root / f".ex-{index}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self._path(index))
+        self._write(self._path(index).name, tensors, {"example": example_digest(example.input_ids, example.labels)})
         return TeacherLogProbs(tensors["log_probs"], tensors.get("ids"), tensors.get("rest"))
 
 
@@ -130,3 +204,49 @@ def concat(parts: list[TeacherLogProbs]) -> TeacherLogProbs:
     """Entries of a micro-batch's examples, in batch order (the order of the response mask)."""
     cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
     return TeacherLogProbs(cat([p.log_probs for p in parts]), cat([p.ids for p in parts]), cat([p.rest for p in parts]))
+
+
+def store_from_hidden(cache: TeacherCache, index: int, example, hidden: torch.Tensor, head, compute_dtype: torch.dtype):
+    """Cache one example from the teacher's hidden states [n, H] at its scored positions; returns the entry."""
+    from neobench.training.fused_loss import project
+
+    if cache.holds_hidden:
+        cache.store_head(head)
+        return cache.store_hidden(index, example, hidden)
+    with torch.no_grad():
+        logits = head.transform(project(hidden, head, compute_dtype))
+    return cache.store(index, example, logits.cpu())
+
+
+FILL_BATCH = 8
+"""Examples per teacher forward while filling: the teacher is frozen, so a larger batch than training's costs no memory for gradients."""
+
+
+def fill(cache: TeacherCache, ws) -> int:
+    """Run the teacher once over every example of ``ws``'s data the cache lacks; returns how many it ran.
+
+    ``ws`` is the run's neobench.training.workspace.Workspace (its teacher is loaded only if something
+    is missing). Examples go in batches of similar length, so little of the teacher's compute is padding.
+    """
+    from neobench.core.progress import CountProgress
+    from neobench.data.examples import collate
+
+    examples = ws.data.examples
+    missing = sorted((i for i in range(len(examples)) if not cache.has(i)), key=lambda i: len(examples[i].input_ids))
+    if not missing and (not cache.holds_hidden or cache.load_head(ws.device) is not None):
+        return 0
+    if not missing:  # entries are there but the head is not: the teacher stores it
+        ws.teacher()
+        cache.store_head(ws._teacher_head)
+        return 0
+    with CountProgress(f"teacher cache ({cache.mode})") as progress:
+        progress.start(len(examples), len(examples) - len(missing))
+        for start in range(0, len(missing), FILL_BATCH):
+            picks = missing[start : start + FILL_BATCH]
+            batch = {k: v.to(ws.device) for k, v in collate([examples[i] for i in picks], ws.tokenizer.pad_token_id).items()}
+            mask, _ = next_token_targets(batch["labels"])
+            teacher = ws.teacher_hidden(batch, mask)
+            for i, rows in zip(picks, torch.split(teacher.hidden, mask.sum(1).tolist())):
+                store_from_hidden(cache, i, examples[i], rows, teacher.head, ws.dtype)
+            progress.update(len(examples) - len(missing) + start + len(picks))
+    return len(missing)
