@@ -51,7 +51,7 @@ def run(
     adapter_lr: Optional[float] = typer.Option(None, help="Learning rate of adapter methods (default 10 x --lr).", rich_help_panel=OPTIM),
     lr_scale: Optional[float] = typer.Option(None, help="Multiply the method's learning rate by this.", rich_help_panel=OPTIM),
     skip_done: bool = typer.Option(False, "--skip-done", help="Leave out runs whose exact configuration (seed included) already finished under --runs-dir: a long matrix stopped half-way continues where it was.", rich_help_panel=WHAT),
-    protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study (tune-lr-variants for LLM-Neo's adapter variants) chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
+    protocol: str = typer.Option("paper", help="paper: each family's fixed rate (the preset's); tuned: each method at the lr_scale the tune-lr study (tune-lr-variants for LLM-Neo's adapter variants; tune-lr-epoch at one epoch: each run takes the tuning nearest its budget) chose on the validation split (run `neobench ablate tune-lr --runs-dir RUNS_DIR` first).", rich_help_panel=OPTIM),
     warmup_ratio: Optional[float] = typer.Option(None, help="Fraction of steps of linear warm-up before cosine decay.", rich_help_panel=OPTIM),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=OPTIM),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off).", rich_help_panel=OPTIM),
@@ -192,7 +192,7 @@ def export(
 
 @app.command()
 def ablate(
-    study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams, tune-lr, tune-lr-variants) or a study YAML file."),
+    study: str = typer.Argument(..., help="A study in ablations/ (rank, kd_ratio, lr, variant, temperature, neo-hparams, tune-lr, tune-lr-variants, tune-lr-epoch) or a study YAML file."),
     trials: Optional[int] = typer.Option(None, min=1, help="Trials the study should hold when done (default: the study file's). Finished ones count."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite:///RUNS_DIR/ablations.db). A PostgreSQL/MySQL URL lets workers on many machines share one study."),
     workers: int = typer.Option(1, min=1, help="Local worker processes on the same storage; each trains one trial at a time."),

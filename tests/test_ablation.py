@@ -504,3 +504,37 @@ def test_every_trial_is_compared_with_the_best_on_the_same_documents(tmp_path):
     assert table[2][5:7] == ["+0.0000 [+0.0000, +0.0000]", "1"]  # the same scores on both seeds: Δ 0, p 1
     assert table[3][5:7] == ["–", ""]  # nothing exported to pair with
     assert "Without *, this study cannot tell that trial from the best." in (tmp_path / "s.md").read_text()
+
+
+def test_tuned_configs_take_the_rate_tuned_at_the_nearest_budget(tmp_path):
+    """tune-lr at 12 steps and tune-lr-epoch (an epoch of 250 steps): 48 steps take 12's choice, 192 and E the epoch's."""
+    import dataclasses
+    import json
+
+    import optuna
+
+    from neobench.ablation.tuned import TunedBudget, nearest_tuned, tuned_configs, tuned_lr_scales_by_budget
+    from neobench.runs.config import load_preset
+
+    runs = tmp_path / "runs"
+    (runs / "epoch-run").mkdir(parents=True)
+    (runs / "epoch-run" / "metrics.json").write_text(json.dumps({"budget": {"steps": 250}}))
+    storage = f"sqlite:///{runs / 'ablations.db'}"
+    space = {"method": optuna.distributions.CategoricalDistribution(["lora", "kd"]),
+             "lr_scale": optuna.distributions.FloatDistribution(0.316, 10.0, log=True)}
+    for name, max_steps, best in (("tune-lr", 12, 10.0), ("tune-lr-epoch", 0, 1.0)):
+        s = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+        for key, value in {"preset": "smol-cpu", "budget": {"max_steps": max_steps}, "fixed": {}}.items():
+            s.set_user_attr(key, value)
+        for method in ("lora", "kd"):
+            for scale in (1.0, 10.0):
+                s.add_trial(optuna.trial.create_trial(params={"method": method, "lr_scale": scale}, distributions=space,
+                                                      value=4.0 if scale == best else 4.5, user_attrs={"run_ids": ["epoch-run"]}))
+    by_budget = tuned_lr_scales_by_budget(str(runs))
+    assert by_budget == {TunedBudget(12, 12): {"lora": 10.0, "kd": 10.0}, TunedBudget(0, 250): {"lora": 1.0, "kd": 1.0}}
+    assert nearest_tuned(48, 48, list(by_budget)) == TunedBudget(12, 12)  # log distance 1.4 against 1.7
+    assert nearest_tuned(192, 192, list(by_budget)) == TunedBudget(0, 250)
+    base = dataclasses.replace(load_preset("smol-cpu"), runs_dir=str(runs), method="kd")
+    planned = [dataclasses.replace(base, max_steps=steps) for steps in (12, 48, 192, 0)]
+    tuned = tuned_configs(planned, {})
+    assert [(c.max_steps, c.lr_scale) for c in tuned] == [(12, 10.0), (48, 10.0)], "at 192 and E the paper runs serve"

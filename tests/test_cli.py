@@ -381,3 +381,47 @@ def test_skip_done_finds_a_finished_twin_by_its_whole_configuration(tiny_cfg, tm
     assert finished_like(dataclasses.replace(cfg, lr_scale=1.0)) == run  # a missing field had its default
     for change in ({"seed": 1}, {"lr_scale": 3.16}, {"rank": 8}, {"eval_limit": 3}):
         assert finished_like(dataclasses.replace(cfg, **change)) is None, change
+
+
+def test_budgets_train_each_budget_with_its_own_schedule_from_one_teacher_pass(tiny, tmp_path, cli):
+    """--budgets 4,E: two runs per method, each cosine ending at its own last step; the parent runs the teacher
+    over the data once (hidden-state cache) and no run process loads it."""
+    import math
+
+    from neobench.runs.results import load_results
+    from neobench.training.loop import lr_multiplier
+
+    flags = [f for f in tiny_flags(tiny, tmp_path / "runs") if f not in ("--max-steps", "2")]
+    flags[flags.index("--tasks") + 1] = "neo_heldout_nll"
+    flags[flags.index("--batch-size") + 1] = "2"
+    code, stderr = cli("run", *flags, "--grad-accum", "1", "--method", "kd", "--budgets", "4,E", "--teacher-cache", "hidden",
+                       "--lr", "1e-3")
+    assert code == 0, stderr[-2000:]
+    assert "teacher cache (hidden): the teacher ran on 24 examples" in stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    metrics = {json.loads((r / "metrics.json").read_text())["budget"]["steps"]: r for r in runs}
+    assert sorted(metrics) == [4, 12], "E = one epoch: 24 examples in steps of 2"
+    for steps, run in metrics.items():
+        record = json.loads((run / "metrics.json").read_text())
+        assert record["cost"]["teacher_cache"]["misses"] == 0 and not record["cost"]["teacher_cache"]["teacher_loaded"]
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        warmup = math.ceil(0.1 * steps)
+        assert len(log) == steps
+        assert log[-1]["lr"] == pytest.approx(1e-3 * lr_multiplier(steps - 1, steps, warmup)), "cosine ends at this budget"
+    short = [json.loads(line) for line in (metrics[4] / "train_log.jsonl").read_text().splitlines()]
+    long = [json.loads(line) for line in (metrics[12] / "train_log.jsonl").read_text().splitlines()]
+    assert short[-1]["lr"] < 0.3e-3 < long[3]["lr"], "the shorter run is not a prefix of the longer one"
+    rows = load_results(tmp_path / "runs")
+    students = rows[(rows["model"] == "student") & (rows["metric"] == "nll")]
+    assert sorted(zip(students["method"], students["steps"], students["seed"])) == [("kd", 4, 0), ("kd", 12, 0)]
+
+
+@pytest.mark.parametrize("budgets,message", [
+    ("12,x", "--budgets takes optimizer steps and E (one epoch), comma-separated, e.g. 12,48,192,E; got 'x'"),
+    ("12,12", "--budgets names a budget twice"),
+])
+def test_bad_budgets_are_one_line(budgets, message, tmp_path, cli):
+    code, stderr = cli("run", "--budgets", budgets, "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and stderr.strip().splitlines() == [f"error: {message}" + ("" if "twice" not in message else ": '12,12'")], stderr
+    code, stderr = cli("run", "--budgets", "12", "--max-steps", "3", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and "--budgets sets --max-steps for each budget; leave --max-steps out" in stderr

@@ -61,7 +61,7 @@ class Reached(Exception):
 # Where each command stops when only its parsing and checking are under test.
 STOP_AT = {
     "run": ["neobench.runs.execute.execute_many", "neobench.runs.execute.execute", "neobench.commands.run.resume_run",
-            "neobench.ablation.tuned.tuned_lr_scales"],
+            "neobench.ablation.tuned.tuned_lr_scales_by_budget"],
     "eval": ["neobench.runs.rescore.evaluate_run", "neobench.runs.rescore.evaluate_model"],
     "report": ["neobench.runs.results.load_results"],
     "ablate": ["neobench.ablation.worker.run_study"],

@@ -31,7 +31,7 @@ def eval_rows(values: dict, with_fidelity: bool = True) -> list[dict]:
 
 def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: int = 12, data_hash: str = "d1",
              rank: int = 32, stamp: str = "0", tokens: int = 0, dtype: str = "float32", per_doc: list | None = None,
-             lr_scale: float = 1.0, study: str | None = None, trial: int | None = None) -> str:
+             lr_scale: float = 1.0, study: str | None = None, trial: int | None = None, epoch: bool = False) -> str:
     """A finished run directory; ``per_doc``: its student's NLL per document (doc0, doc1, ...)."""
     run_id = f"p-{method}-{variant or 'full'}-s{seed}-r{rank}-{steps}-{data_hash}-{stamp}"
     run = root / run_id
@@ -44,7 +44,7 @@ def make_run(root: Path, method: str, variant, seed: int, shift: float, steps: i
         "run_id": run_id, "preset": "p", "method": method, "variant": variant, "seed": seed,
         "loss": "forward_kl" if uses_teacher else None, "lr": 1e-4, "wall_seconds": 100.0 + seed,
         "budget": {"steps": steps, "tokens": tokens or 1000 * steps + (seed if seed < 3 else 0), "data_hash": data_hash, "seq_len": 256, "batch_size": 4,
-                   "grad_accum": 2, "stopped_by": "max_steps"},
+                   "grad_accum": 2, "stopped_by": "epoch" if epoch else "max_steps"},
         "cost": {"trainable_params": 5e6 if variant else 8e7, "peak_memory_bytes": (3 if variant else 4) * 2**30,
                  "memory_kind": "rss", "train_seconds": (60.0 if variant else 80.0) + seed, "tokens_per_second": 200.0,
                  "device": "cpu", "dtype": dtype},
@@ -377,3 +377,74 @@ def test_the_variants_study_tunes_each_adapter_variant_for_the_tuned_variants_ta
     assert tuning.display.set_index("model").loc["neo+dora", "×3.16"] == "**4.000**"  # NLL 3.7 + shift
     assert ("`neobench ablate tune-lr` (ablations/tune-lr.yaml) and `neobench ablate tune-lr-variants` "
             "(ablations/tune-lr-variants.yaml)") in tuning.notes[0]
+
+
+# --- budget curves and the verdict per budget -----------------------------------------------------
+
+def test_verdict_per_budget_names_the_budget_where_the_winner_changes(tmp_path):
+    """KD beats Neo at 12 steps, Neo beats KD from 192 on: the verdict table says so, pair by pair."""
+    from neobench.runs.results import load_per_doc
+
+    root = tmp_path / "runs"
+    neo_shift = {12: 0.20, 48: 0.0, 192: -0.20}  # against KD's 0.25 above the base difficulty
+    for steps, shift in neo_shift.items():
+        for method, variant in [("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora")]:
+            extra = (shift + SHIFTS["kd"] - SHIFTS["neo"]) if method == "neo" else 0.0
+            scores = noisy(method, 0, extra - 0.01 * steps / 12)
+            if steps == 48 and method == "neo":  # KD's scores, up and down by document: no significant difference
+                scores = [v + (0.05 if i % 2 else -0.04) for i, v in enumerate(scores)]
+            make_run(root, method, variant, 0, 0.0, steps=steps, per_doc=scores)
+    report = render(load_results(root), "p", tmp_path / "board", per_doc=load_per_doc(root))
+    assert report.budgets is not None and [b.steps for b in report.budgets.budgets["paper"]] == [12, 48, 192]
+    verdict = report.table("verdict").numeric.set_index(["model", "baseline", "budget"])
+    assert len(verdict) == 4 * 3, "every main pair at every budget"
+    assert verdict.loc[("neo", "kd", 12), "winner"] == "kd" and verdict.loc[("neo", "kd", 12), "delta"] > 0
+    assert verdict.loc[("neo", "kd", 48), "winner"] == "tie"
+    assert verdict.loc[("neo", "kd", 192), "winner"] == "neo"
+    assert verdict.loc[("neo", "lora", 192), "winner"] == "neo" and verdict.loc[("kd", "sft", 12), "winner"] == "kd"
+    notes = " ".join(report.table("verdict").notes)
+    assert "paper: Neo vs KD: the winner changes from KD to Neo at budget 192" in notes
+    assert "paper: KD vs SFT: KD wins wherever the difference is significant (12: KD; 48: KD; 192: KD)" in notes
+    assert "paper: Neo vs SFT: the winner changes from SFT to Neo at budget 48" in notes
+    # Tidy points: one row per (budget, label, metric); runs of two budgets never share one.
+    points = report.budgets.points
+    assert not points.duplicated(["protocol", "budget", "label", "task", "metric"]).any()
+    nll = points[(points["metric"] == "nll") & (points["label"] == "neo")].set_index("budget")
+    assert nll.loc[192, "tokens"] == 192_000 and nll.loc[12, "seeds"] == 1
+    assert (tmp_path / "board" / "budget_curves.png").is_file() and (tmp_path / "board" / "budgets.csv").is_file()
+    readme = (tmp_path / "board" / "README.md").read_text()
+    assert "## Budget curves and the verdict per budget" in readme and "![budget_curves](budget_curves.png)" in readme
+    # The main tables hold one budget's runs only.
+    assert report.sections[0].selection.students["steps"].nunique() == 1
+
+
+def test_a_single_budget_draws_no_budget_curves(paired_matrix, tmp_path):
+    report = render(load_results(paired_matrix), "p", tmp_path / "board")
+    assert report.budgets is None and not (tmp_path / "board" / "budgets.csv").exists()
+
+
+def test_tuning_at_two_budgets_gives_each_run_the_rate_tuned_nearest_its_budget(paired_matrix, tmp_path):
+    """tune-lr at 12 steps picks x3.16 for lora, tune-lr-epoch (250 steps) x1: a 48-step run takes 12's rate,
+    a 192-step run the epoch's; the tuning table says how the choice moved."""
+    from neobench.runs.results import load_per_doc
+
+    n = 0
+    for study, steps, epoch, best in (("tune-lr", 12, False, 3.16), ("tune-lr-epoch", 250, True, 1.0)):
+        for method, variant in [("lora", "lora"), ("neo", "lora")]:
+            for scale in (1.0, 3.16):
+                shift = 0.3 if (scale == best or method == "neo" and scale == 1.0) else 0.5
+                make_run(paired_matrix, method, variant, 0, shift, steps=steps, epoch=epoch, stamp=f"t{n}", lr_scale=scale,
+                         study=study, trial=n)
+                n += 1
+    at48 = make_run(paired_matrix, "lora", "lora", 0, 0.0, steps=48, stamp="tuned", lr_scale=3.16, per_doc=noisy("lora", 0))
+    at192_wrong = make_run(paired_matrix, "lora", "lora", 0, 0.0, steps=192, stamp="tuned", lr_scale=3.16, per_doc=noisy("lora", 0))
+    at192 = make_run(paired_matrix, "lora", "lora", 0, 0.0, steps=192, stamp="paper", per_doc=noisy("lora", 0))
+    report = render(load_results(paired_matrix), "p", tmp_path / "board", per_doc=load_per_doc(paired_matrix))
+    tuned = report.sections[1].protocol
+    assert {b.steps: c for b, c in tuned.by_budget.items()} == {12: {"lora": 3.16, "neo": 1.0}, 250: {"lora": 1.0, "neo": 1.0}}
+    in_tuned = set(tuned.rows["run_id"])
+    assert at48 in in_tuned and at192 in in_tuned and at192_wrong not in in_tuned
+    assert "lr_scale 3.16: neither the paper protocol's 1 nor the tuned choice 1" in dict(report.left_out)[at192_wrong]
+    tuning = report.table("tuning")
+    assert set(tuning.display["budget"]) == {"12 steps", "250 steps (E)"}
+    assert "From 12 steps to 250 steps (E) the chosen multiple moved: lora ×3.16 → ×1; neo ×1 → ×1." in " ".join(tuning.notes)

@@ -1,8 +1,10 @@
 """The tuned protocol: each method at the learning rate its tuning study chose on the validation split.
 
-    TUNING_STUDIES   the studies that tune the rate (tune-lr: the methods; tune-lr-variants: LLM-Neo's variants)
+    TUNING_STUDIES   the studies that tune the rate (tune-lr: the methods; tune-lr-variants: LLM-Neo's
+                     variants; tune-lr-epoch: the methods again at one epoch, the largest budget)
     best_lr_scales   the rule that picks a rate from finished trials; pure, so the reporting stage
                      applies the very same rule to the stored rows of the leaderboard's tuned tables
+    nearest_tuned    which tuned budget a run of some budget takes its rate from (also pure, also shared)
     tuned_lr_scales  the rates, read from the studies' storage
     tuned_configs    planned runs set to those rates (`neobench run --protocol tuned`)
 """
@@ -10,6 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,9 +26,43 @@ from neobench.training.labels import label_of
 
 TUNING_STUDY = "tune-lr"
 """The study whose best trial per method (sft, lora, kd, neo) sets that method's lr_scale under `--protocol tuned`."""
-TUNING_STUDIES = (TUNING_STUDY, "tune-lr-variants")
-"""Every study the tuned protocol reads: the methods, then LLM-Neo's adapter variants (neo+dora, ...). Each
-label is tuned in one of them, on the same grid of multiples, so one completeness rule serves both."""
+TUNING_STUDIES = (TUNING_STUDY, "tune-lr-variants", "tune-lr-epoch")
+"""Every study the tuned protocol reads: the methods, LLM-Neo's adapter variants (neo+dora, ...), and the methods
+again at one epoch. Within one budget each label is tuned in one of them, on the same grid of multiples, so one
+completeness rule serves all."""
+
+
+@dataclass(frozen=True)
+class TunedBudget:
+    """The budget a tuning study trained its trials at."""
+
+    max_steps: int
+    """As configured: optimizer steps, or 0 for one epoch."""
+    steps: int
+    """Optimizer steps its trials took (for one epoch: as many as the data gave; 0 if not known yet)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.steps} steps (E)" if self.max_steps == 0 else f"{self.steps} steps"
+
+    def order(self) -> tuple[bool, int]:
+        """Smallest first; one epoch after every fixed number of steps."""
+        return (self.max_steps == 0, self.steps)
+
+
+def nearest_tuned(max_steps: int, steps: int, tuned: list[TunedBudget]) -> TunedBudget:
+    """The tuned budget whose rates a run of ``max_steps`` (0: one epoch; ``steps`` taken, 0 if not known) uses.
+
+    Its own budget if a study tuned it; else the nearest tuned budget on a log scale of steps (ties: the
+    smaller). An epoch whose length is not known yet takes the largest tuned budget.
+    """
+    same = [t for t in tuned if t.max_steps == max_steps and (max_steps or not steps or not t.steps or t.steps == steps)]
+    if same:
+        return same[0]
+    known = [t for t in tuned if t.steps]
+    if not steps or not known:
+        return max(tuned, key=TunedBudget.order)
+    return min(known, key=lambda t: (abs(math.log(t.steps) - math.log(steps)), t.steps))
 
 
 def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> dict[str, float]:
@@ -54,17 +93,20 @@ def study_for(label: str, studies: tuple[str, ...]) -> Optional[str]:
     return studies[1] if label.startswith("neo+") else None
 
 
-def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES) -> dict[str, float]:
-    """label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale the studies chose.
+def tuned_lr_scales_by_budget(
+    runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES,
+) -> dict[TunedBudget, dict[str, float]]:
+    """Per tuned budget: label (as in the leaderboard: sft, lora, kd, neo, neo+dora, ...) -> the lr_scale chosen there.
 
-    The studies in ``study_names`` that the storage holds are read together (at least one must be there)."""
+    The studies in ``study_names`` that the storage holds are read together (at least one must be there),
+    grouped by the budget their trials trained at."""
     import optuna
     from optuna.trial import TrialState
 
     url = storage or default_storage(runs_dir)
     hint = f"run `neobench ablate {study_names[0]} --runs-dir {runs_dir}` first"
     needs = f"the tuned protocol needs the {study_names[0]!r} study" + (
-        f" (and {', '.join(repr(n) for n in study_names[1:])} for adapter variants)" if len(study_names) > 1 else "")
+        f" (and {study_names[1]!r} for adapter variants)" if len(study_names) > 1 else "")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise NeobenchError(f"{needs}, and {url} does not exist; {hint}")
     rows, directions = [], set()
@@ -77,37 +119,67 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: t
         # The study's own record of its preset and fixed settings (its file may have moved or changed).
         attrs = study.user_attrs
         base = apply_overrides(load_preset(attrs["preset"]), {**attrs.get("budget", {}), **attrs.get("fixed", {})}, f"study {study_name!r}")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        budget = TunedBudget(base.max_steps, base.max_steps or trial_steps(runs_dir, finished))
+        for t in finished:
             cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
-            rows.append((label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
+            rows.append((budget, label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
     if not directions:
         raise NeobenchError(f"{needs}, which {url} does not hold; {hint}")
     if len(directions) > 1:
         raise NeobenchError(f"the tuning studies in {url} disagree on the direction of their objective; they cannot choose together")
     if not rows:
         raise NeobenchError(f"no tuning study in {url} has a finished trial yet; {hint}")
-    return best_lr_scales(rows, minimize=directions == {optuna.study.StudyDirection.MINIMIZE})
+    minimize = directions == {optuna.study.StudyDirection.MINIMIZE}
+    return {budget: best_lr_scales([(l, s, v) for b, l, s, v in rows if b == budget], minimize)
+            for budget in sorted({r[0] for r in rows}, key=TunedBudget.order)}
+
+
+def trial_steps(runs_dir: str, trials: list) -> int:
+    """Optimizer steps the trials' runs took (what one epoch came to), from a finished trial's run; 0 if none is readable."""
+    for t in trials:
+        for run_id in t.user_attrs.get("run_ids", []):
+            try:
+                return int(json.loads((Path(runs_dir) / run_id / "metrics.json").read_text())["budget"]["steps"])
+            except (OSError, ValueError, KeyError):
+                continue
+    return 0
+
+
+def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES,
+                    max_steps: Optional[int] = None) -> dict[str, float]:
+    """label -> the lr_scale the studies chose at the tuned budget nearest ``max_steps`` (None: the smallest tuned budget)."""
+    by_budget = tuned_lr_scales_by_budget(runs_dir, storage, study_names)
+    if max_steps is None:
+        return by_budget[min(by_budget, key=TunedBudget.order)]
+    return by_budget[nearest_tuned(max_steps, max_steps, list(by_budget))]
 
 
 def tuned_configs(cfgs: list, given: dict) -> list:
-    """The planned runs, each at the lr_scale its tuning study chose (tune-lr; tune-lr-variants for LLM-Neo's variants)."""
+    """The planned runs, each at the lr_scale its tuning study chose (tune-lr; tune-lr-variants for LLM-Neo's variants),
+    at the tuned budget nearest the run's own (tune-lr-epoch tunes one epoch)."""
     if "lr_scale" in given:
         raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
-    scales = tuned_lr_scales(cfgs[0].runs_dir)
-    tuned = []
+    by_budget = tuned_lr_scales_by_budget(cfgs[0].runs_dir)
+    tuned, said = [], set()
     for cfg in cfgs:
+        budget = nearest_tuned(cfg.max_steps, cfg.max_steps, list(by_budget))
+        scales = by_budget[budget]
         label = label_of(cfg.method, cfg.effective_variant(), None)
         if label not in scales:
-            study = study_for(label, TUNING_STUDIES)
+            study = "tune-lr-epoch" if budget.max_steps == 0 and "+" not in label else study_for(label, TUNING_STUDIES)
             how = (f"run `neobench ablate {study}` to finish it" if study else
                    "no shipped study searches it: copy ablations/tune-lr-variants.yaml with its method, and run that")
             raise NeobenchError(
-                f"no tuning study has finished its search for {label} (they have chosen for: "
+                f"no tuning study has finished its search for {label} at {budget.name} (they have chosen for: "
                 f"{', '.join(sorted(scales)) or 'none yet'}); {how}"
             )
         if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
             tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
-    for label in dict.fromkeys(label_of(c.method, c.effective_variant(), None) for c in cfgs):
-        same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
-        console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{same if scales[label] == 1.0 else ''}", highlight=False)
+        if (label, budget) not in said:
+            said.add((label, budget))
+            same = " = the paper protocol's rate: its paper runs serve both protocols (`neobench run` trains them)"
+            where = f" (tuned at {budget.name})" if len(by_budget) > 1 else ""
+            console.print(f"tuned protocol: {label} at lr_scale {scales[label]:g}{where}{same if scales[label] == 1.0 else ''}",
+                          highlight=False)
     return tuned

@@ -9,6 +9,8 @@
       -> paired comparisons  each student vs LoRA, KD and SFT on the same documents (neobench.reporting.paired),
                              Holm-corrected within a table
       -> md, csv, html, tex files and PNG plots under leaderboards/<preset>/
+      -> with runs at several budgets: budget curves and the verdict per budget (neobench.reporting.budgets);
+         the tables above stay at the preset's own budget
 
 Each step has its own module (selection, protocols, comparisons, tables, formats, plots); this one
 runs them (render) and writes the README. Everything here is a pure function of the rows, so the
@@ -24,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from neobench.core.errors import NeobenchError
+from neobench.reporting.budgets import BudgetReport, budget_report
 from neobench.reporting.comparisons import paired_comparisons
 from neobench.reporting.formats import FORMATS, to_markdown, write_table
 from neobench.reporting.plots import plot, plot_curves
@@ -46,6 +49,7 @@ class Report:
     left_out: list[tuple[str, str]]
     files: list[Path]
     sections: list[Section] = field(default_factory=list)
+    budgets: BudgetReport | None = None
 
     def table(self, name: str) -> Table:
         for table in self.tables:
@@ -61,9 +65,10 @@ def render(
     """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves,
     and per-document scores for the paired comparisons)."""
     protocols, left_out = split_protocols(rows)
+    main_steps = preset_budget(rows, preset)
     sections = []
     for protocol in protocols:
-        sel = select_comparable(protocol.rows.drop(columns=["label"]))
+        sel = select_comparable(at_budget(protocol.rows, main_steps).drop(columns=["label"]))
         if sel.students.empty:
             if protocol.name == "paper":
                 raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
@@ -87,13 +92,20 @@ def render(
             tables.insert(0, tuning_table(rows))
         sections.append(Section(protocol, sel, tables))
     paper = sections[0]
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = budget_report(protocols, per_doc, out)
     used = {run for section in sections for run in section.selection.students["run_id"]}
+    if budgets is not None:
+        used |= {run for runs in budgets.budgets.values() for b in runs for run in b.selection.students["run_id"]}
     left = {(r, why) for section in sections for r, why in section.selection.left_out if r not in used}
     left_out = sorted(left | set(left_out))
-    out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
     files = [out / "results.csv"]
     tables = [t for section in sections for t in section.tables]
+    if budgets is not None:
+        tables.append(budgets.verdict)
+        budgets.points.to_csv(out / "budgets.csv", index=False)
+        files += [out / "budgets.csv", *budgets.plots]
     for table in tables:
         if not table.display.empty:
             files += write_table(table, out, formats)
@@ -102,13 +114,41 @@ def render(
     curve_plot = plot_curves(paper.selection, [l for l in main if l not in REFERENCES], curves, out) if curves is not None else None
     files += [curve_plot] if curve_plot else []
     readme = out / "README.md"
-    readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None))
+    readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None, budgets=budgets))
     files.append(readme)
-    return Report(preset, tables, left_out, files, sections)
+    return Report(preset, tables, left_out, files, sections, budgets)
 
 
-def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False) -> str:
-    total = len({r for s in sections for r in s.selection.students["run_id"]})
+def preset_budget(rows: pd.DataFrame, preset: str) -> int | None:
+    """The optimizer steps of the preset's own budget, which the main tables show (None: the runs' most common one).
+
+    A preset of one epoch (max_steps 0) means the steps its epoch-long runs took. Runs of an unknown
+    preset, or none at the preset's budget, keep the most common budget.
+    """
+    from neobench.runs.config import PRESETS, load_preset
+
+    if preset not in PRESETS:
+        return None
+    steps = load_preset(preset).max_steps
+    students = rows[(rows["model"] == "student") & rows["study"].isna()]
+    if steps == 0:
+        epochs = students.loc[students["stopped_by"] == "epoch", "steps"]
+        return int(epochs.max()) if len(epochs) else None
+    return steps if (students["steps"] == steps).any() else None
+
+
+def at_budget(rows: pd.DataFrame, steps: int | None) -> pd.DataFrame:
+    """References, ablation trials, and the students trained for ``steps`` (None: every student)."""
+    if steps is None:
+        return rows
+    keep = (rows["model"] != "student") | rows["study"].notna() | (rows["steps"] == steps)
+    return rows[keep]
+
+
+def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False,
+                         budgets: BudgetReport | None = None) -> str:
+    total = len({r for s in sections for r in s.selection.students["run_id"]} | (
+        {r for runs in budgets.budgets.values() for b in runs for r in b.selection.students["run_id"]} if budgets else set()))
     parts = [
         f"# Leaderboard: {preset}\n",
         f"Generated by `neobench report` from `results.jsonl` and `per_doc.csv` ({total} runs). Every student is scored on "
@@ -138,9 +178,29 @@ def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tu
             "term per optimizer step (mean over seeds; the band spans the seeds' lowest to highest value).\n\n"
             "![training curves](training_curves.png)\n"
         )
+    if budgets is not None:
+        parts.append(budget_markdown(budgets))
     if left_out:
         parts.append("## Left out\n")
         parts.append("".join(f"- {line}\n" for line in left_out_lines(left_out)))
+    return "\n".join(parts)
+
+
+def budget_markdown(budgets: BudgetReport) -> str:
+    """The README's budget section: what was trained at which budget, the curves, and the verdict table."""
+    parts = ["## Budget curves and the verdict per budget\n"]
+    for name, runs in budgets.budgets.items():
+        steps = ", ".join(b.name for b in runs)
+        seeds = ", ".join(f"{b.name}: {b.selection.students['seed'].nunique()}" for b in runs)
+        parts.append(f"{name.capitalize()} protocol: budgets of {steps} optimizer steps (E: one epoch); seeds per budget {seeds}.\n")
+    parts.append("Each budget's runs are trained from scratch with their own schedule (10% warm-up, then cosine decay to "
+                 "the end of that budget), never a prefix of a longer run. `budgets.csv` holds every point (mean, min and "
+                 "max over seeds, with tokens seen, training seconds and peak memory).\n")
+    for path in budgets.plots:
+        parts.append(f"![{path.stem}]({path.name})\n")
+    parts.append(f"### {budgets.verdict.title}\n")
+    parts.append(to_markdown(budgets.verdict))
+    parts += [f"{note}\n" for note in budgets.verdict.notes]
     return "\n".join(parts)
 
 

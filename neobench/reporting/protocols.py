@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from neobench.ablation.tuned import TUNING_STUDIES, best_lr_scales
+from neobench.ablation.tuned import TUNING_STUDIES, TunedBudget, best_lr_scales, nearest_tuned
 from neobench.reporting.selection import Selection, student_order
 from neobench.reporting.tables import Table
 from neobench.training.labels import label_of
@@ -22,7 +22,15 @@ class Protocol:
     rows: pd.DataFrame
     """The references and the students of this protocol (ablation trials kept: they are listed as left out)."""
     lr_scales: dict[str, float]
-    """label -> lr_scale: 1 for every label under "paper", the study's choice under "tuned"."""
+    """label -> lr_scale: 1 for every label under "paper", the study's choice under "tuned" (at the smallest tuned budget)."""
+    by_budget: dict[TunedBudget, dict[str, float]] = None
+    """Under "tuned": the choice at each budget a study tuned (a run takes the one nearest its own budget)."""
+
+    def scales_at(self, steps: int, epoch: bool) -> dict[str, float]:
+        """label -> lr_scale for runs of ``steps`` optimizer steps (``epoch``: one epoch of the data)."""
+        if not self.by_budget:
+            return self.lr_scales
+        return self.by_budget[nearest_tuned(0 if epoch else steps, steps, list(self.by_budget))]
 
 
 def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
@@ -36,6 +44,21 @@ def tuned_choice(trials: pd.DataFrame) -> dict[str, float]:
     """label -> the lr_scale with the lowest validation NLL among ``tuning_trials``, for labels whose search
     is complete (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
     return best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+
+
+def tuned_budget(steps, stopped_by) -> TunedBudget:
+    return TunedBudget(0 if stopped_by == "epoch" else int(steps), int(steps))
+
+
+def tuned_choices(trials: pd.DataFrame) -> dict[TunedBudget, dict[str, float]]:
+    """tuned_choice per budget the tuning trials trained at (smallest first); empty where nothing is chosen yet."""
+    budgets = [tuned_budget(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
+    found = {}
+    for budget in sorted(set(budgets), key=TunedBudget.order):
+        choice = tuned_choice(trials[[b == budget for b in budgets]])
+        if choice:
+            found[budget] = choice
+    return found
 
 
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
@@ -55,44 +78,68 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
     paper = Protocol("paper", pd.concat([references, rows[trial], trained[trained["lr_scale"] == 1.0]]),
                      dict.fromkeys(trained["label"], 1.0))
     protocols = [paper]
-    chosen = tuned_choice(tuning_trials(rows))
+    by_budget = tuned_choices(tuning_trials(rows))
+    chosen = by_budget[min(by_budget, key=TunedBudget.order)] if by_budget else {}
     in_tuned = pd.Series(False, index=trained.index)
+    tuned = Protocol("tuned", references, chosen, by_budget)
     if chosen:
-        in_tuned = trained["label"].map(chosen).eq(trained["lr_scale"])
-        protocols.append(Protocol("tuned", pd.concat([references, trained[in_tuned]]), chosen))
+        # Each run against the choice at the tuned budget nearest its own.
+        run_choice = [tuned.scales_at(int(s), b == "epoch").get(l) for s, b, l in
+                      zip(trained["steps"], trained["stopped_by"], trained["label"])]
+        in_tuned = pd.Series([c is not None and c == x for c, x in zip(run_choice, trained["lr_scale"])], index=trained.index)
+        tuned.rows = pd.concat([references, trained[in_tuned]])
+        protocols.append(tuned)
     neither = trained[(trained["lr_scale"] != 1.0) & ~in_tuned].drop_duplicates("run_id")
-    left_out = [(r["run_id"], f"lr_scale {r['lr_scale']:g}: neither the paper protocol's 1 nor the tuned choice"
-                 + (f" {chosen[r['label']]:g}" if r["label"] in chosen else f" (no tuning study tuned {r['label']})"))
-                for _, r in neither.iterrows()]
+    left_out = []
+    for _, r in neither.iterrows():
+        choice = tuned.scales_at(int(r["steps"]), r["stopped_by"] == "epoch").get(r["label"]) if chosen else None
+        left_out.append((r["run_id"], f"lr_scale {r['lr_scale']:g}: neither the paper protocol's 1 nor the tuned choice"
+                         + (f" {choice:g}" if choice is not None else f" (no tuning study tuned {r['label']})")))
     return protocols, left_out
 
 
 def tuning_table(rows: pd.DataFrame) -> Table:
-    """The tune-lr study: validation NLL of every method at every lr_scale it tried; bold: the choice."""
+    """The tuning studies: validation NLL of every method at every lr_scale it tried (per tuned budget, where
+    there are several); bold: the choice. A note says how the choice moved from the smallest budget to the largest."""
     trials = tuning_trials(with_labels(rows))
-    chosen = tuned_choice(trials)
+    by_budget = tuned_choices(trials)
+    budgets = [tuned_budget(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
+    several = len(set(budgets)) > 1
     scales = sorted(set(trials["lr_scale"]))
     display_rows, numeric_rows = [], []
-    for label in student_order(list(dict.fromkeys(trials["label"]))):
-        mine = trials[trials["label"] == label]
-        row = {"model": label}
-        for scale in scales:
-            hit = mine[mine["lr_scale"] == scale]
-            text = "—" if hit.empty else f"{hit['value'].min():.3f}"
-            row[f"×{scale:g}"] = f"**{text}**" if scale == chosen.get(label) else text
-            for _, r in hit.iterrows():
-                numeric_rows.append({"model": label, "lr_scale": scale, "lr": r["lr"], "validation_nll": r["value"],
-                                     "chosen": scale == chosen.get(label), "trial": r["trial"]})
-        display_rows.append(row)
+    for budget in sorted(set(budgets), key=TunedBudget.order):
+        at = trials[[b == budget for b in budgets]]
+        chosen = by_budget.get(budget, {})
+        for label in student_order(list(dict.fromkeys(at["label"]))):
+            mine = at[at["label"] == label]
+            row = {"model": label, **({"budget": budget.name} if several else {})}
+            for scale in scales:
+                hit = mine[mine["lr_scale"] == scale]
+                text = "—" if hit.empty else f"{hit['value'].min():.3f}"
+                row[f"×{scale:g}"] = f"**{text}**" if scale == chosen.get(label) else text
+                for _, r in hit.iterrows():
+                    numeric_rows.append({"model": label, "budget": budget.steps, "epoch": budget.max_steps == 0,
+                                         "lr_scale": scale, "lr": r["lr"], "validation_nll": r["value"],
+                                         "chosen": scale == chosen.get(label), "trial": r["trial"]})
+            display_rows.append(row)
     notes = ["Held-out NLL ↓ on the validation split (never the test split the tables score) after the same budget, one "
              "seed, for each multiple of the method's preset learning rate; **bold** is the multiple the tuned protocol "
              "uses (the lowest NLL; a method whose search is not finished has none yet). Made by "
              + " and ".join(f"`neobench ablate {name}` (ablations/{name}.yaml)" for name in sorted(set(trials["study"]))) + "."]
-    at_edge = grid_edge_choices(trials, chosen)
-    if at_edge:
-        notes.append("At the edge of the grid: " + "; ".join(
-            f"{', '.join(labels)} chose the {edge} multiple tried (×{scale:g})" for (edge, scale), labels in at_edge.items())
-            + ". Their best rate may lie beyond it, so for them the tuned protocol is a lower bound on what tuning gives.")
+    if len(by_budget) > 1:
+        low, high = min(by_budget, key=TunedBudget.order), max(by_budget, key=TunedBudget.order)
+        moves = [f"{l} ×{by_budget[low][l]:g} → ×{by_budget[high][l]:g}" for l in student_order(list(by_budget[low]))
+                 if l in by_budget[high]]
+        notes.append(f"From {low.name} to {high.name} the chosen multiple moved: {'; '.join(moves)}. A run takes the rates "
+                     "tuned at the budget nearest its own (on a log scale of steps).")
+    for budget, chosen in by_budget.items():
+        at = trials[[b == budget for b in budgets]]
+        at_edge = grid_edge_choices(at, chosen)
+        if at_edge:
+            where = f" at {budget.name}" if several else ""
+            notes.append(f"At the edge of the grid{where}: " + "; ".join(
+                f"{', '.join(labels)} chose the {edge} multiple tried (×{scale:g})" for (edge, scale), labels in at_edge.items())
+                + ". Their best rate may lie beyond it, so for them the tuned protocol is a lower bound on what tuning gives.")
     return Table("tuning", "Learning-rate search (validation split)", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)
 
 

@@ -366,7 +366,7 @@ def train(
             "device": ws.device, "dtype": dtype_name(ws.dtype), "torch_threads": torch.get_num_threads(),
             "world_size": world.size, "strategy": cfg.strategy if world.distributed else "single",
             "teacher_cache": {"mode": cfg.teacher_cache, "hits": counters["hits"], "misses": counters["misses"],
-                              "rebuilt": cache.rebuilt if cache else 0},
+                              "rebuilt": cache.rebuilt if cache else 0, "teacher_loaded": ws.teacher_loaded},
         },
         "final": {
             "loss": log[-1]["loss"], "ce": log[-1]["ce"], "kd": log[-1]["kd"],

@@ -49,6 +49,11 @@ class Workspace:
         return self._teacher
 
     @property
+    def teacher_loaded(self) -> bool:
+        """Whether this process has loaded the teacher's weights (a complete teacher cache never does)."""
+        return self._teacher is not None or self._teacher_sharded is not None
+
+    @property
     def shards_teacher(self) -> bool:
         return self.world.distributed and self.strategy == "fsdp"
 
