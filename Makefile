@@ -56,24 +56,30 @@ test-paper-shape: $(STAMP)
 	NEOBENCH_TEST_PAPER_SHAPE=1 $(PY) -m pytest -q -m paper_shape tests/test_scale.py
 
 # The committed leaderboards/smol-cpu/, in order of importance:
-#   1. the paper protocol: sft, lora, kd and neo at the preset's rates, 3 seeds;
-#   2. the tuned protocol: the tune-lr study (4 rates per method, validation split, 1 seed), then each
-#      method at its best rate for 3 seeds (a method whose best is the preset's rate reuses step 1's runs);
-#   3. lora and neo with every other adapter variant, minillm, and neo with JSD from a top-64
-#      teacher cache (seed 0, paper protocol);
-#   4. the variants in the tuned protocol: the tune-lr-variants study (neo with each variant at the same
-#      4 rates), then neo with each variant at its best rate (seed 0, like step 3);
-# then the tables, from these runs alone (--replace). About 4 to 5 hours on 2 CPU cores; stopped
-# half-way, it continues where it was (--skip-done; the studies continue by themselves).
-# In fp32 on every machine (--dtype auto would pick bf16 on a CPU with AVX-512 BF16): the committed
-# board is fp32, and the report never compares runs of two dtypes. LEADERBOARD_DTYPE=auto for your own.
+#   1. the budget study, paper protocol: sft, lora, kd and neo at each of $(STUDY_BUDGETS) optimizer
+#      steps (E: one epoch of the 2,000 examples), seed 0; the parent runs the teacher once over the
+#      data (hidden-state cache) and every run reads it;
+#   2. the learning rate tuned at the smallest budget (tune-lr, 12 steps) and at the largest (tune-lr-epoch),
+#      on the validation split; then the tuned protocol at every budget, each run at the rate tuned
+#      nearest its budget (a method whose choice is 1 reuses step 1's runs);
+#   3. 3 seeds at the preset's own budget, both protocols;
+#   4. lora and neo with every other adapter variant, minillm, and neo with JSD (seed 0, paper protocol),
+#      then LLM-Neo's variants at their own tuned rates (tune-lr-variants; seed 0);
+# then the tables and the budget curves, from these runs alone (--replace). Stopped half-way, it
+# continues where it was (--skip-done; the studies continue by themselves).
+# --dtype auto: bf16 where the CPU computes it natively (AVX-512 BF16 or AMX), fp32 elsewhere; the
+# report never compares runs of two dtypes. LEADERBOARD_DTYPE=float32 for a board any CPU reproduces.
 LEADERBOARD_RUNS ?= runs/leaderboard-smol-cpu
-LEADERBOARD_DTYPE ?= float32
+LEADERBOARD_DTYPE ?= auto
+STUDY_BUDGETS ?= 12,48,192,E
 RUN := $(VENV)/bin/neobench run --dtype $(LEADERBOARD_DTYPE) --skip-done --runs-dir $(LEADERBOARD_RUNS)
 ABLATE := $(VENV)/bin/neobench ablate --dtype $(LEADERBOARD_DTYPE) --runs-dir $(LEADERBOARD_RUNS) --no-report
 leaderboard: $(STAMP)
-	$(RUN) --seeds 3
+	$(RUN) --budgets $(STUDY_BUDGETS)
 	$(ABLATE) tune-lr
+	$(ABLATE) tune-lr-epoch
+	$(RUN) --budgets $(STUDY_BUDGETS) --protocol tuned
+	$(RUN) --seeds 3
 	$(RUN) --seeds 3 --protocol tuned
 	for v in dora pissa rslora moslora; do \
 		$(RUN) --method lora --variant $$v || exit 1; \
@@ -89,7 +95,7 @@ leaderboard: $(STAMP)
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
 # (8 trials each, about 17 minutes per study on 2 CPU cores in fp32), scored on the validation split.
-# In fp32 on every machine, like the committed leaderboard: --dtype auto would pick bf16 on a CPU
+# In fp32 on every machine: --dtype auto would pick bf16 on a CPU
 # with AVX-512 BF16, and kd_ratio's neighbouring points differ by a few thousandths of a nat,
 # about as much as bf16 rounding moves one run.
 # Trials and their studies go to $(ABLATION_RUNS) (ablations.db); running it again continues
@@ -104,7 +110,8 @@ report: $(STAMP)
 
 # The cost of a training step, measured against the machine's matmul limit: the limit itself,
 # the loss alone (naive / before / fused), then every method per dtype, this code beside the code
-# before the fused step (a git worktree). About 15 minutes on 2 CPU cores.
+# before the throughput work of issue 24 (a git worktree), and kd and neo reading a complete
+# teacher cache. About 20 minutes on 2 CPU cores.
 bench: $(STAMP)
 	$(PY) benchmarks/matmul_limit.py
 	$(PY) benchmarks/kd_loss_cost.py loss

@@ -1,14 +1,17 @@
 """Seconds per step, throughput, peak memory and share of the matmul limit, per method and dtype,
-for this code and for the code before the fused step (a figure, not a test).
+for this code and for an earlier commit (a figure, not a test).
 
     python benchmarks/step_cost.py [--preset smol-cpu] [--steps 3] [--methods sft,lora,kd,neo,minillm]
-                                   [--dtypes float32,bfloat16] [--before REV | --before none]
+                                   [--dtypes float32,bfloat16] [--before REV | --before none] [--no-cache]
 
 Each (code, method, dtype) trains --steps optimizer steps in its own `neobench run` process
 (--tasks none), so its peak memory is its own: process peak RSS during training on CPU, CUDA max
-allocated on GPU. "before" is git revision REV (default: the last commit before the fused step)
-checked out in a temporary worktree and run with the same Python; its rows use float32, the dtype
-it trained in on CPU. --dtypes defaults to float32, plus bfloat16 where it is native.
+allocated on GPU. "before" is git revision REV (default: the last commit before the throughput
+work of issue 24) checked out in a temporary worktree and run with the same Python, in the same
+dtypes. Both run the teacher online (--teacher-cache off). "after+cache" rows (kd and neo) read
+every teacher output from a complete hidden-state cache, filled by one untimed run of the same
+steps first: what every run of a study after the first pass costs. --dtypes defaults to float32,
+plus bfloat16 where it is native.
 
 FLOPs of a step, counted from the model configs (adapter FLOPs, norms and element-wise work are
 left out):
@@ -33,8 +36,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BEFORE_FUSED_STEP = "2cf31f4"
-"""The last commit before the fused, mixed-precision step (issue 11)."""
+BEFORE_THROUGHPUT = "480a06f"
+"""The last commit before the throughput work of issue 24 (hidden-state teacher cache, fused AdamW, ...)."""
 
 
 def layer_linear_params(config) -> tuple[int, int]:
@@ -72,10 +75,10 @@ def step_flops(metrics: dict) -> float | None:
     return total
 
 
-def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, runs_dir: str) -> dict:
+def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, runs_dir: str, cache: str = "off") -> dict:
     env = dict(os.environ, PYTHONPATH=str(code_dir))
     cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", preset, "--method", method, "--dtype", dtype,
-           "--max-steps", str(steps), "--tasks", "none", "--runs-dir", runs_dir]
+           "--max-steps", str(steps), "--tasks", "none", "--runs-dir", runs_dir, "--teacher-cache", cache]
     done = subprocess.run(cmd, cwd=code_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{method} ({dtype}) in {code_dir} failed:\n{done.stderr[-2000:]}")
@@ -92,14 +95,15 @@ def worktree(rev: str, where: Path) -> Path:
 def main() -> None:
     sys.path.insert(0, str(REPO))
     from benchmarks.matmul_limit import limits
-    from neobench.models.precision import cpu_has_native_bf16
+    from neobench.models.precision import cpu_bf16_kernel, cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smol-cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", default="sft,lora,kd,neo,minillm")
     parser.add_argument("--dtypes", default=None, help="comma-separated; default float32 (+ bfloat16 where native)")
-    parser.add_argument("--before", default=BEFORE_FUSED_STEP, help="git revision to compare with, or 'none'")
+    parser.add_argument("--before", default=BEFORE_THROUGHPUT, help="git revision to compare with, or 'none'")
+    parser.add_argument("--no-cache", action="store_true", help="leave out the after+cache rows")
     args = parser.parse_args()
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
     methods = args.methods.split(",")
@@ -109,12 +113,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plans = [("after", REPO, d) for d in dtypes]
         if args.before != "none":
-            plans.insert(0, ("before", worktree(args.before, Path(tmp) / "before"), "float32"))
+            before_dir = worktree(args.before, Path(tmp) / "before")
+            plans = [p for d in dtypes for p in (("before", before_dir, d), ("after", REPO, d))]
+        if not args.no_cache:
+            plans += [("after+cache", REPO, d) for d in dtypes]
+        filled: set[str] = set()
         try:
             for code, code_dir, dtype in plans:
                 for method in methods:
+                    if code == "after+cache":
+                        if method not in ("kd", "neo"):
+                            continue
+                        if dtype not in filled:  # kd and neo read the same entries (same steps, seed and dtype)
+                            print(f"... filling the teacher cache ({dtype})", file=sys.stderr, flush=True)
+                            run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-fill", cache="hidden")
+                            filled.add(dtype)
                     print(f"... {code} {method} {dtype}", file=sys.stderr, flush=True)
-                    rows.append((code, dtype, run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-{code}")))
+                    cache = "hidden" if code == "after+cache" else "off"
+                    rows.append((code, dtype, run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-{code}", cache)))
         finally:
             if args.before != "none":
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(Path(tmp) / "before")],
@@ -124,28 +140,29 @@ def main() -> None:
     first = rows[0][2]
     print(f"preset {args.preset}, {args.steps} steps of batch {first['budget']['batch_size']} x accum "
           f"{first['budget']['grad_accum']}, seq_len {first['budget']['seq_len']}, {first['cost']['device']}, "
-          f"{first['cost']['torch_threads']} threads, {platform.processor() or platform.machine()}; "
-          f"matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
-    before = {r["method"]: r for code, _, r in rows if code == "before"}
+          f"{first['cost']['torch_threads']} threads, {platform.processor() or platform.machine()}, bf16 matmuls on "
+          f"{cpu_bf16_kernel()}; matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
+    before = {(r["method"], d): r for code, d, r in rows if code == "before"}
     print("| code | method | dtype | s/step | tokens/s | peak memory (GiB) | GFLOP/s | share of limit | speed vs before | memory vs before |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for code, dtype, r in rows:
         c = r["cost"]
         flops = step_flops(r)
         achieved = flops / c["seconds_per_step"] / 1e9 if flops else None
-        old = before.get(r["method"])
-        speed = f"{old['cost']['seconds_per_step'] / c['seconds_per_step']:.2f}x" if old and code == "after" else ""
-        memory = f"{c['peak_memory_bytes'] / old['cost']['peak_memory_bytes']:.2f}x" if old and code == "after" else ""
+        old = before.get((r["method"], dtype))
+        speed = f"{old['cost']['seconds_per_step'] / c['seconds_per_step']:.2f}x" if old and code != "before" else ""
+        memory = f"{c['peak_memory_bytes'] / old['cost']['peak_memory_bytes']:.2f}x" if old and code != "before" else ""
         label = f"{r['method']}+{r['variant']}" if r["variant"] else r["method"]
         print(f"| {code} | {label} | {dtype} | {c['seconds_per_step']:.2f} | {c['tokens_per_second']:.0f} | "
               f"{c['peak_memory_bytes'] / 2**30:.2f} | {f'{achieved:.0f}' if achieved else 'n/a'} | "
               f"{f'{achieved / limit[dtype]:.0%}' if achieved else 'n/a'} | {speed} | {memory} |")
-    after = {(r["method"], d): r for code, d, r in rows if code == "after"}
-    for dtype in dtypes:
-        kd, neo = after.get(("kd", dtype)), after.get(("neo", dtype))
-        if kd and neo:
-            print(f"\nneo vs kd ({dtype}): peak memory {neo['cost']['peak_memory_bytes'] / kd['cost']['peak_memory_bytes']:.2f}x, "
-                  f"time per step {neo['cost']['seconds_per_step'] / kd['cost']['seconds_per_step']:.2f}x")
+    for code in ("before", "after", "after+cache"):
+        same = {(r["method"], d): r for c, d, r in rows if c == code}
+        for dtype in dtypes:
+            kd, neo = same.get(("kd", dtype)), same.get(("neo", dtype))
+            if kd and neo:
+                print(f"\nneo vs kd ({code}, {dtype}): peak memory {neo['cost']['peak_memory_bytes'] / kd['cost']['peak_memory_bytes']:.2f}x, "
+                      f"time per step {neo['cost']['seconds_per_step'] / kd['cost']['seconds_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -287,6 +287,21 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
     assert precision.cpu_has_native_bf16()
 
 
+def test_the_bf16_kernel_is_read_from_onednn_and_agrees_with_the_flags():
+    """AMX or AVX-512 BF16 as oneDNN ran it; a CPU whose flags promise neither never reports either."""
+    from neobench.models import precision
+
+    kernel = precision.cpu_bf16_kernel()
+    assert kernel in ("amx", "avx512_bf16", "emulated", "none")
+    flags = precision.cpu_flags()
+    if kernel == "amx":
+        assert "amx_bf16" in flags
+    if kernel == "avx512_bf16":
+        assert "avx512_bf16" in flags
+    if "amx_bf16" in flags and torch.backends.mkldnn.is_available():
+        assert kernel == "amx"
+
+
 @pytest.mark.parametrize("name,message", [("float16", "not supported.*use bfloat16"), ("fp8", "unknown dtype 'fp8'")])
 def test_bad_dtypes_fail_in_one_line(name, message):
     from neobench.runs.config import RunConfig, validate

@@ -448,3 +448,22 @@ def test_tuning_at_two_budgets_gives_each_run_the_rate_tuned_nearest_its_budget(
     tuning = report.table("tuning")
     assert set(tuning.display["budget"]) == {"12 steps", "250 steps (E)"}
     assert "From 12 steps to 250 steps (E) the chosen multiple moved: lora ×3.16 → ×1; neo ×1 → ×1." in " ".join(tuning.notes)
+
+
+def test_main_tables_show_the_presets_budget_and_other_budgets_only_in_curves(tmp_path):
+    """A preset's own budget (smol-cpu's max_steps) fills the main tables even where another budget has more runs."""
+    from neobench.runs.config import load_preset
+
+    root = tmp_path / "runs"
+    own = load_preset("smol-cpu").max_steps
+    other = own * 4
+    for method, variant in [("sft", None), ("lora", "lora"), ("kd", None), ("neo", "lora")]:
+        make_run(root, method, variant, 0, 0.0, steps=own)
+        for seed in range(3):
+            make_run(root, method, variant, seed, -0.01, steps=other)
+    make_run(root, "minillm", None, 0, 0.0, steps=other * 2)  # no curve takes it (one budget, and not a curve method)
+    report = render(load_results(root), "smol-cpu", tmp_path / "board")
+    assert set(report.sections[0].selection.students["steps"]) == {own}
+    assert [b.steps for b in report.budgets.budgets["paper"]] == [own, other]
+    reasons = dict(report.left_out)
+    assert any(f"budget {other * 2} steps: the tables show the preset's {own}" in why for why in reasons.values())

@@ -99,3 +99,16 @@ def test_hidden_state_cache_is_per_compute_dtype(kd_cfg):
     assert key(torch.float32) != key(torch.bfloat16)
     assert key(torch.float32) == TeacherCache.for_run(CacheMode.parse("hidden"), ws.teacher_path, ws.data.data_hash,
                                                       kd_cfg.seq_len, 2.0, ws.vocab_size, torch.float32).root
+
+
+def test_hidden_state_cache_filled_while_training_gives_the_online_losses(kd_cfg):
+    """An empty hidden cache: the run stores each example's hidden states as it meets them (misses), and a
+    micro-batch mixing stored and new entries gives the online losses."""
+    online = train(kd_cfg, prepare(kd_cfg)).log
+    cfg = dataclasses.replace(kd_cfg, teacher_cache="hidden")
+    other_order = dataclasses.replace(cfg, seed=1, max_steps=1)
+    first = train(other_order, prepare(other_order))  # 4 of the 8 examples stored, in seed 1's order
+    assert first.record["cost"]["teacher_cache"]["misses"] == 4 and first.record["cost"]["teacher_cache"]["teacher_loaded"]
+    run = train(cfg, prepare(cfg))
+    assert run.record["cost"]["teacher_cache"]["hits"] > 0 and run.record["cost"]["teacher_cache"]["misses"] == 4
+    assert losses(run.log) == pytest.approx(losses(online), rel=1e-6, abs=1e-7)

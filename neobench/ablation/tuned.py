@@ -163,17 +163,19 @@ def tuned_configs(cfgs: list, given: dict) -> list:
     by_budget = tuned_lr_scales_by_budget(cfgs[0].runs_dir)
     tuned, said = [], set()
     for cfg in cfgs:
-        budget = nearest_tuned(cfg.max_steps, cfg.max_steps, list(by_budget))
-        scales = by_budget[budget]
         label = label_of(cfg.method, cfg.effective_variant(), None)
-        if label not in scales:
-            study = "tune-lr-epoch" if budget.max_steps == 0 and "+" not in label else study_for(label, TUNING_STUDIES)
+        tuned_here = [b for b, choice in by_budget.items() if label in choice]  # the budgets that tuned this label
+        if not tuned_here:
+            study = study_for(label, TUNING_STUDIES)
             how = (f"run `neobench ablate {study}` to finish it" if study else
                    "no shipped study searches it: copy ablations/tune-lr-variants.yaml with its method, and run that")
+            chosen = sorted({l for choice in by_budget.values() for l in choice})
             raise NeobenchError(
-                f"no tuning study has finished its search for {label} at {budget.name} (they have chosen for: "
-                f"{', '.join(sorted(scales)) or 'none yet'}); {how}"
+                f"no tuning study has finished its search for {label} (they have chosen for: "
+                f"{', '.join(chosen) or 'none yet'}); {how}"
             )
+        budget = nearest_tuned(cfg.max_steps, cfg.max_steps, tuned_here)
+        scales = by_budget[budget]
         if scales[label] != 1.0:  # at 1 the tuned run is the paper protocol's run: not trained twice
             tuned.append(dataclasses.replace(cfg, lr_scale=scales[label]))
         if (label, budget) not in said:

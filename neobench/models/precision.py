@@ -71,3 +71,46 @@ def autocast(device: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def cpu_bf16_kernel() -> str:
+    """Which bf16 matmul this CPU runs, as oneDNN reports it: "amx", "avx512_bf16", "emulated" (oneDNN on
+    an older ISA), "none" (PyTorch's own kernels: no native bf16), or "unknown" (the log could not be read).
+
+    Measured rather than inferred from flags: one small bf16 matmul runs with oneDNN's verbose
+    log on, and the ISA of the implementation it chose is read from that log (written to the
+    process's stdout by C code, so the file descriptor is redirected around it). On AMX-BF16
+    the bf16 matmul limit is several times AVX-512 BF16's.
+    """
+    import os
+    import sys
+    import tempfile
+
+    if not torch.backends.mkldnn.is_available():
+        return "none"
+    try:  # a diagnostic: it must never cost a run (closed stdout, a build without oneDNN's verbose mode)
+        sys.stdout.flush()
+        saved = os.dup(1)
+        with tempfile.TemporaryFile() as log:
+            os.dup2(log.fileno(), 1)
+            try:
+                with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                    torch.ones(64, 64, dtype=torch.bfloat16) @ torch.ones(64, 64, dtype=torch.bfloat16)
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+    except (OSError, AssertionError, RuntimeError):
+        return "unknown"
+    # onednn_verbose,[timestamp,]v1,primitive,exec,cpu,matmul,<implementation>,...: the field after "matmul"
+    impls = []
+    for line in text.splitlines():
+        fields = line.split(",")
+        if "exec" in fields and "matmul" in fields and fields.index("matmul") + 1 < len(fields):
+            impls.append(fields[fields.index("matmul") + 1])
+    if any("amx" in impl for impl in impls):
+        return "amx"
+    if any("avx512_core_bf16" in impl or "avx10" in impl for impl in impls):
+        return "avx512_bf16"
+    return "emulated" if impls else "none"

@@ -45,18 +45,40 @@ class Budget:
         return f"{self.steps} (E)" if self.epoch else str(self.steps)
 
 
-def budgets_of(protocol: Protocol) -> list[Budget]:
-    """The protocol's runs, one comparable selection per budget (ablation trials are not runs of a budget)."""
+SHARED = ["dtype", "data_hash", "seq_len", "batch_size", "grad_accum"]
+"""What every run of a budget study shares, whatever its budget (the majority across budgets is kept)."""
+
+
+def budgets_of(protocol: Protocol) -> tuple[list[Budget], list[tuple[str, str]]]:
+    """The protocol's runs of the main methods (sft, lora, kd, neo), one comparable selection per budget (ablation
+    trials are not runs of a budget),
+    and (run_id, reason) for the runs left out. One dtype, data set and batch across all budgets first,
+    so a curve never joins two of them; then each budget is selected on its own."""
     rows = protocol.rows
-    students = rows[(rows["model"] == "student") & rows["study"].isna()]
+    students = rows[(rows["model"] == "student") & rows["study"].isna() & rows["label"].isin(CURVE_LABELS)]
     references = rows[rows["model"] != "student"]
+    left_out: list[tuple[str, str]] = []
+    if students.empty:
+        return [], left_out
+    keys = students[SHARED].astype(str).agg("|".join, axis=1)
+    counts = keys[~students["run_id"].duplicated()].value_counts()
+    kept = sorted(counts[counts == counts.max()].index)[0]
+    for run_id in sorted(set(students.loc[keys != kept, "run_id"])):
+        left_out.append((run_id, f"budget curves: another dtype, data set or batch than the study's ({kept.replace('|', ', ')})"))
+    students = students[keys == kept]
+    references = references[references["dtype"].isna() | (references["dtype"].astype(str) == kept.split("|")[0])]
     found = []
     for steps in sorted(set(students["steps"].astype(int))):
         mine = students[students["steps"].astype(int) == steps]
         sel = select_comparable(pd.concat([references, mine]).drop(columns=["label"]))
+        left_out += sel.left_out
         if not sel.students.empty:
             found.append(Budget(steps, bool((sel.students["stopped_by"] == "epoch").all()), sel))
-    return found
+    return found, left_out
+
+
+POINT_COLUMNS = ["protocol", "budget", "epoch", "label", "task", "metric", "mean", "min", "max", "seeds", "tokens",
+                 "train_seconds", "peak_memory_bytes"]
 
 
 def budget_points(protocol: Protocol, budgets: list[Budget]) -> pd.DataFrame:
@@ -81,7 +103,7 @@ def budget_points(protocol: Protocol, budgets: list[Budget]) -> pd.DataFrame:
                 out.append({"protocol": protocol.name, "budget": budget.steps, "epoch": budget.epoch, "label": label,
                             "task": task, "metric": metric, "mean": float(values.mean()), "min": float(values.min()),
                             "max": float(values.max()), "seeds": len(values), **axes})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=POINT_COLUMNS)
 
 
 @dataclass
@@ -181,7 +203,7 @@ def plot_budget_curves(points: pd.DataFrame, references: Selection, protocol: st
 
     from neobench.reporting.plots import _save
 
-    mine = points[points["protocol"] == protocol]
+    mine = points[points["protocol"] == protocol] if not points.empty else points
     if mine.empty or mine["budget"].nunique() < 2:
         return None
     metrics = list(dict.fromkeys(zip(mine["task"], mine["metric"])))
@@ -221,12 +243,17 @@ class BudgetReport:
     verdict: Table
     plots: list[Path]
     budgets: dict[str, list[Budget]]
+    left_out: list[tuple[str, str]]
 
 
 def budget_report(protocols: list[Protocol], per_doc: Optional[pd.DataFrame], out: Path, draw: bool = True) -> Optional[BudgetReport]:
     """Points, verdicts and plots for every protocol with runs at two budgets or more (None: no such protocol)."""
-    by_budget = {p.name: budgets_of(p) for p in protocols}
-    by_budget = {name: b for name, b in by_budget.items() if len(b) >= 2}
+    by_budget, left_out = {}, []
+    for p in protocols:
+        budgets, dropped = budgets_of(p)
+        if len(budgets) >= 2:
+            by_budget[p.name] = budgets
+            left_out += dropped
     if not by_budget:
         return None
     points = pd.concat([budget_points(p, by_budget[p.name]) for p in protocols if p.name in by_budget], ignore_index=True)
@@ -237,5 +264,4 @@ def budget_report(protocols: list[Protocol], per_doc: Optional[pd.DataFrame], ou
             refs = budgets[-1].selection
             drawn = plot_budget_curves(points, Selection(refs.students, refs.references), name, out)
             plots += [drawn] if drawn else []
-    return BudgetReport(points, verdict_table(found), plots, by_budget)
-
+    return BudgetReport(points, verdict_table(found), plots, by_budget, left_out)

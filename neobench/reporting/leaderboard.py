@@ -98,6 +98,13 @@ def render(
     if budgets is not None:
         used |= {run for runs in budgets.budgets.values() for b in runs for run in b.selection.students["run_id"]}
     left = {(r, why) for section in sections for r, why in section.selection.left_out if r not in used}
+    if budgets is not None:
+        left |= {(r, why) for r, why in budgets.left_out if r not in used}
+    if main_steps is not None:  # runs at another budget that no budget curve shows either
+        listed = {r for r, _ in left}
+        other = rows[(rows["model"] == "student") & rows["study"].isna() & (rows["steps"] != main_steps)]
+        left |= {(r, f"budget {s} steps: the tables show the preset's {main_steps}, and no budget curve takes it")
+                 for r, s in zip(other["run_id"], other["steps"]) if r not in used and r not in listed}
     left_out = sorted(left | set(left_out))
     rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
     files = [out / "results.csv"]

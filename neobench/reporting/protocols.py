@@ -6,6 +6,7 @@ the protocol's text for the README.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import pandas as pd
 
@@ -26,11 +27,15 @@ class Protocol:
     by_budget: dict[TunedBudget, dict[str, float]] = None
     """Under "tuned": the choice at each budget a study tuned (a run takes the one nearest its own budget)."""
 
-    def scales_at(self, steps: int, epoch: bool) -> dict[str, float]:
-        """label -> lr_scale for runs of ``steps`` optimizer steps (``epoch``: one epoch of the data)."""
+    def scale_at(self, label: str, steps: int, epoch: bool) -> Optional[float]:
+        """The lr_scale of ``label`` for runs of ``steps`` optimizer steps (``epoch``: one epoch of the data):
+        its choice at the nearest budget that tuned it; None if none did."""
         if not self.by_budget:
-            return self.lr_scales
-        return self.by_budget[nearest_tuned(0 if epoch else steps, steps, list(self.by_budget))]
+            return self.lr_scales.get(label)
+        tuned = [b for b, choice in self.by_budget.items() if label in choice]
+        if not tuned:
+            return None
+        return self.by_budget[nearest_tuned(0 if epoch else steps, steps, tuned)][label]
 
 
 def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
@@ -84,7 +89,7 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
     tuned = Protocol("tuned", references, chosen, by_budget)
     if chosen:
         # Each run against the choice at the tuned budget nearest its own.
-        run_choice = [tuned.scales_at(int(s), b == "epoch").get(l) for s, b, l in
+        run_choice = [tuned.scale_at(l, int(s), b == "epoch") for s, b, l in
                       zip(trained["steps"], trained["stopped_by"], trained["label"])]
         in_tuned = pd.Series([c is not None and c == x for c, x in zip(run_choice, trained["lr_scale"])], index=trained.index)
         tuned.rows = pd.concat([references, trained[in_tuned]])
@@ -92,7 +97,7 @@ def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str,
     neither = trained[(trained["lr_scale"] != 1.0) & ~in_tuned].drop_duplicates("run_id")
     left_out = []
     for _, r in neither.iterrows():
-        choice = tuned.scales_at(int(r["steps"]), r["stopped_by"] == "epoch").get(r["label"]) if chosen else None
+        choice = tuned.scale_at(r["label"], int(r["steps"]), r["stopped_by"] == "epoch") if chosen else None
         left_out.append((r["run_id"], f"lr_scale {r['lr_scale']:g}: neither the paper protocol's 1 nor the tuned choice"
                          + (f" {choice:g}" if choice is not None else f" (no tuning study tuned {r['label']})")))
     return protocols, left_out
@@ -163,7 +168,8 @@ def budget_line(sel: Selection, protocol: Protocol) -> str:
     by_rate: dict[float, list[str]] = {}
     for label in student_order(list(dict.fromkeys(runs["label"]))):
         by_rate.setdefault(float(runs.loc[runs["label"] == label, "lr"].iloc[0]), []).append(
-            label + (f" (×{protocol.lr_scales[label]:g})" if protocol.name == "tuned" else ""))
+            label + (f" (×{protocol.scale_at(label, int(budget['steps']), budget['stopped_by'] == 'epoch'):g})"
+                     if protocol.name == "tuned" else ""))
     rates = "; ".join(f"{lr:.3g} for {', '.join(labels)}" for lr, labels in sorted(by_rate.items()))
     return (
         f"Budget: {budget['steps']} optimizer steps of batch {budget['batch_size']} × {budget['grad_accum']} micro-batches, "
@@ -177,7 +183,8 @@ PROTOCOL_TEXT = {
     "paper": "Every method at its family's fixed learning rate (the preset's: full fine-tuning `lr`, adapters `adapter_lr` "
              "= 10 × `lr`), as the LLM-Neo paper compares them.",
     "tuned": "Every method at its own best learning rate: the tune-lr study (and tune-lr-variants, for LLM-Neo's "
-             "adapter variants) tried 4 multiples of the preset rate per method on the validation split (one seed), "
+             "adapter variants; tune-lr-epoch at one epoch, where it ran: each run takes the tuning nearest its budget) "
+             "tried 4 multiples of the preset rate per method on the validation split (one seed), "
              "and each method here trains at its best multiple over the "
              "seeds shown, scored on the test split like the paper protocol. A method whose best multiple is 1 shows "
              "the paper protocol's runs again.",

@@ -247,7 +247,7 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     spec = EvalSpec.from_config(cfgs[0])
     if spec.tasks:  # fail on a bad task name or missing data before the first run trains
         load_tasks(spec, ws.student_path)
-    fill_teacher_caches(cfgs, ws)
+    fill_teacher_caches(cfgs, ws, nproc)
     results = []
     for i, cfg in enumerate(cfgs, 1):
         if STOP.requested:
@@ -266,29 +266,46 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     return results
 
 
-def fill_teacher_caches(cfgs: list[RunConfig], ws) -> None:
-    """Run the teacher once over the whole data set for every teacher cache the planned runs read,
-    so that across a matrix (methods, seeds, budgets) the teacher runs once per example."""
+def fill_teacher_caches(cfgs: list[RunConfig], ws, nproc: int = 1) -> None:
+    """Run the teacher once over the examples the planned runs will read, for every teacher cache they use,
+    so that across a matrix (methods, seeds, budgets) the teacher runs once per example.
+
+    Left to the runs themselves under FSDP (the teacher may only fit sharded) and for data other than
+    the workspace's; on CUDA the parent's cached memory is released before the runs start.
+    """
+    import gc
+
+    import torch
+
+    from neobench.data.examples import example_order
+    from neobench.training.loop import planned_steps
     from neobench.training.teacher_cache import CacheMode, TeacherCache, fill
 
-    keys = {}
+    keys: dict[tuple[str, float], set[int]] = {}
+    n = len(ws.data.examples)
     for cfg in cfgs:
         method = METHODS.get(cfg.method)
-        if method.uses_teacher and not method.on_policy and cfg.teacher_cache != "off":
-            keys[(cfg.teacher_cache, cfg.temperature)] = cfg
-    if not keys:
-        return
-    if any(c.train_data != cfgs[0].train_data or c.seq_len != cfgs[0].seq_len or c.max_examples != cfgs[0].max_examples
-           for c in keys.values()):
-        return  # other data than the workspace's: each run fills its own entries as it goes
-    for mode, temperature in sorted(keys):
+        if not (method.uses_teacher and not method.on_policy and cfg.teacher_cache != "off"):
+            continue
+        if (cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples) != (
+                cfgs[0].train_data, cfgs[0].train_split, cfgs[0].seq_len, cfgs[0].max_examples):
+            return  # other data than the workspace's: each run fills its own entries as it goes
+        if nproc > 1 and cfg.strategy == "fsdp":
+            return
+        per_step = cfg.batch_size * cfg.grad_accum * nproc
+        read = example_order(n, planned_steps(cfg, n, nproc) * per_step, cfg.seed)
+        keys.setdefault((cfg.teacher_cache, cfg.temperature), set()).update(read)
+    for (mode, temperature), indices in sorted(keys.items()):
         cache = TeacherCache.for_run(CacheMode.parse(mode), ws.teacher_path, ws.data.data_hash, cfgs[0].seq_len, temperature,
                                      ws.vocab_size, ws.dtype)
-        ran = fill(cache, ws)
+        ran = fill(cache, ws, sorted(indices))
         if ran:
             console.print(f"teacher cache ({mode}): the teacher ran on {ran} examples; every run reads them from {cache.root}",
                           highlight=False)
     ws._teacher = ws._teacher_head = None  # the runs are other processes: free it here
+    gc.collect()
+    if ws.device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 TORCHRUN_SHUTDOWN_SECONDS = 600

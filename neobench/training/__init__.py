@@ -7,7 +7,7 @@ per-step log, and a record of what the run consumed.
     labels         how a run is named: neo+lora in the terminal, neo on the leaderboard
     optimizers     the optimizer registry (adamw, sgd)
     onpolicy       minillm: student-sampled responses, reverse KL
-    teacher_cache  teacher logits reused across runs (dense or top-k), verified by hash
+    teacher_cache  teacher outputs reused across runs (hidden states, dense or top-k), verified by hash
     prune          the student cut from the teacher by block influence
     distributed    torchrun worlds, DDP / FSDP2, gradient sync
     checkpoint     checkpoints inside an unfinished run, exact resume

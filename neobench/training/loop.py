@@ -21,7 +21,7 @@ from neobench.core.stopping import STOP, Interrupted, injected_fault, signal_poi
 from neobench.data.examples import collate, example_order
 from neobench.models.adapters import apply_adapter
 from neobench.models.loading import load_causal_lm
-from neobench.models.precision import autocast, dtype_name
+from neobench.models.precision import autocast, cpu_bf16_kernel, dtype_name
 from neobench.training.distributed import World
 from neobench.training.fused_loss import LogitHead, LossSpec, check_head, fused_loss
 from neobench.training.losses import next_token_targets
@@ -89,7 +89,12 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
     head = cache.load_head(ws.device) if cache.holds_hidden else None
-    if missing or (cache.holds_hidden and head is None):
+    need = bool(missing) or (cache.holds_hidden and head is None)
+    if ws.shards_teacher:  # a sharded teacher's forward is collective: every rank runs it if any rank must
+        from neobench.training.distributed import all_sum
+
+        need = all_sum([1.0 if need else 0.0], ws.world, ws.device)[0] > 0
+    if need:
         teacher = ws.teacher_hidden(batch, mask)
         head = teacher.head
         per_example = torch.split(teacher.hidden, mask.sum(1).tolist())
@@ -364,6 +369,7 @@ def train(
             "trainable_params": sum(p.numel() for p in trainable),  # a DTensor counts its whole, not its shard
             "total_params": sum(p.numel() for p in (student.parameters() if student is not None else ())),
             "device": ws.device, "dtype": dtype_name(ws.dtype), "torch_threads": torch.get_num_threads(),
+            "bf16_kernel": cpu_bf16_kernel() if ws.device == "cpu" and ws.dtype == torch.bfloat16 else None,
             "world_size": world.size, "strategy": cfg.strategy if world.distributed else "single",
             "teacher_cache": {"mode": cfg.teacher_cache, "hits": counters["hits"], "misses": counters["misses"],
                               "rebuilt": cache.rebuilt if cache else 0, "teacher_loaded": ws.teacher_loaded},

@@ -7,7 +7,6 @@ import torch
 from neobench.core.registry import Registry
 
 
-
 def adamw(params: list, cfg) -> torch.optim.Optimizer:
     """AdamW with PyTorch's fused kernel (one pass per tensor) where it applies, else its multi-tensor one.
 
@@ -15,9 +14,7 @@ def adamw(params: list, cfg) -> torch.optim.Optimizer:
     0.89 s (benchmarks/step_cost.py shows it in kd's step); foreach itself was 1.35x faster than the
     per-tensor loop. Sharded parameters (FSDP2's DTensors) keep foreach, which supports them everywhere.
     """
-    from torch.distributed.tensor import DTensor
-
-    plain = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
+    plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)  # a DTensor is not
     kernel = {"fused": True} if plain else {"foreach": True}
     return torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, **kernel)
 

@@ -222,31 +222,39 @@ FILL_BATCH = 8
 """Examples per teacher forward while filling: the teacher is frozen, so a larger batch than training's costs no memory for gradients."""
 
 
-def fill(cache: TeacherCache, ws) -> int:
-    """Run the teacher once over every example of ``ws``'s data the cache lacks; returns how many it ran.
+def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
+    """Run the teacher once over the examples (``indices``; None: all of ``ws``'s data) the cache lacks;
+    returns how many it ran.
 
     ``ws`` is the run's neobench.training.workspace.Workspace (its teacher is loaded only if something
     is missing). Examples go in batches of similar length, so little of the teacher's compute is padding.
+    A stop signal (Ctrl-C) ends it at a batch boundary: every entry written is whole, and kept.
     """
     from neobench.core.progress import CountProgress
+    from neobench.core.stopping import STOP
     from neobench.data.examples import collate
 
     examples = ws.data.examples
-    missing = sorted((i for i in range(len(examples)) if not cache.has(i)), key=lambda i: len(examples[i].input_ids))
+    wanted = range(len(examples)) if indices is None else indices
+    missing = sorted((i for i in wanted if not cache.has(i)), key=lambda i: len(examples[i].input_ids))
     if not missing and (not cache.holds_hidden or cache.load_head(ws.device) is not None):
         return 0
     if not missing:  # entries are there but the head is not: the teacher stores it
         ws.teacher()
         cache.store_head(ws._teacher_head)
         return 0
+    total, ran = len(wanted), 0
     with CountProgress(f"teacher cache ({cache.mode})") as progress:
-        progress.start(len(examples), len(examples) - len(missing))
+        progress.start(total, total - len(missing))
         for start in range(0, len(missing), FILL_BATCH):
+            if STOP.requested:
+                break
             picks = missing[start : start + FILL_BATCH]
             batch = {k: v.to(ws.device) for k, v in collate([examples[i] for i in picks], ws.tokenizer.pad_token_id).items()}
             mask, _ = next_token_targets(batch["labels"])
             teacher = ws.teacher_hidden(batch, mask)
             for i, rows in zip(picks, torch.split(teacher.hidden, mask.sum(1).tolist())):
                 store_from_hidden(cache, i, examples[i], rows, teacher.head, ws.dtype)
-            progress.update(len(examples) - len(missing) + start + len(picks))
-    return len(missing)
+            ran += len(picks)
+            progress.update(total - len(missing) + ran)
+    return ran
