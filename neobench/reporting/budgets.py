@@ -60,7 +60,7 @@ def budgets_of(protocol: Protocol) -> tuple[list[Budget], list[tuple[str, str]]]
     left_out: list[tuple[str, str]] = []
     if students.empty:
         return [], left_out
-    keys = students[SHARED].astype(str).agg("|".join, axis=1)
+    keys = students[SHARED].map(str).agg("|".join, axis=1)
     counts = keys[~students["run_id"].duplicated()].value_counts()
     kept = sorted(counts[counts == counts.max()].index)[0]
     for run_id in sorted(set(students.loc[keys != kept, "run_id"])):

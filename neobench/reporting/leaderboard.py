@@ -199,15 +199,19 @@ def budget_markdown(budgets: BudgetReport) -> str:
     for name, runs in budgets.budgets.items():
         steps = ", ".join(b.name for b in runs)
         seeds = ", ".join(f"{b.name}: {b.selection.students['seed'].nunique()}" for b in runs)
-        parts.append(f"{name.capitalize()} protocol: budgets of {steps} optimizer steps (E: one epoch); seeds per budget {seeds}.\n")
+        epoch = " (E: one epoch)" if any(b.epoch for b in runs) else ""
+        parts.append(f"{name.capitalize()} protocol: budgets of {steps} optimizer steps{epoch}; seeds per budget {seeds}.\n")
     parts.append("Each budget's runs are trained from scratch with their own schedule (10% warm-up, then cosine decay to "
                  "the end of that budget), never a prefix of a longer run. `budgets.csv` holds every point (mean, min and "
                  "max over seeds, with tokens seen, training seconds and peak memory).\n")
     for path in budgets.plots:
         parts.append(f"![{path.stem}]({path.name})\n")
     parts.append(f"### {budgets.verdict.title}\n")
-    parts.append(to_markdown(budgets.verdict))
-    parts += [f"{note}\n" for note in budgets.verdict.notes]
+    if budgets.verdict.display.empty:
+        parts.append("No per-document scores (per_doc.csv) for these runs, so no paired verdict.\n")
+    else:
+        parts.append(to_markdown(budgets.verdict))
+        parts += [f"{note}\n" for note in budgets.verdict.notes]
     return "\n".join(parts)
 
 

@@ -86,8 +86,8 @@ def select_comparable(rows: pd.DataFrame) -> Selection:
     references = references[references["dtype"].isna() | (references["dtype"].astype(str) == kept_dtype)]
 
     # One budget: the one most runs share (ties broken by the key itself, so the choice is stable).
-    budgets = students.drop_duplicates("run_id")[BUDGET].astype(str).agg("|".join, axis=1)
-    keys = students[BUDGET].astype(str).agg("|".join, axis=1)
+    budgets = students.drop_duplicates("run_id")[BUDGET].map(str).agg("|".join, axis=1)
+    keys = students[BUDGET].map(str).agg("|".join, axis=1)
     counts = budgets.value_counts()
     chosen = sorted(counts[counts == counts.max()].index)[0]
     ref_budget = dict(zip(BUDGET, chosen.split("|")))
@@ -113,13 +113,13 @@ def select_comparable(rows: pd.DataFrame) -> Selection:
 
     # One evaluation per task: the task hash, limit and few-shot count most student rows share.
     for task, group in list(students.groupby("task")):
-        sig = group[EVALUATION].astype(str).agg("|".join, axis=1)
+        sig = group[EVALUATION].map(str).agg("|".join, axis=1)
         top = sorted(sig.value_counts()[lambda c: c == c.max()].index)[0]
         off = group.index[sig != top]
         for run_id in sorted(set(students.loc[off, "run_id"])):
             left_out.append((run_id, f"its {task} scores came from another evaluation (task data, limit or few-shot)"))
         students = students.drop(off)
-        ref_sig = references[EVALUATION].astype(str).agg("|".join, axis=1)
+        ref_sig = references[EVALUATION].map(str).agg("|".join, axis=1)
         references = references[(references["task"] != task) | (ref_sig == top)]
     # One reference row per model and metric (a changed teacher would add a second fingerprint).
     references = references.drop_duplicates(["method", "task", "metric"], keep="first")
