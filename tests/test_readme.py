@@ -96,11 +96,12 @@ def test_every_readme_command_parses_and_passes_its_checks(number, argv, monkeyp
 
 # README commands that need what a test cannot have (the network, a PostgreSQL server, a killed
 # run to resume, the memory of 8B-shape models) or that only multiply the work (seeds, workers,
-# trials, the 16-trial learning-rate search and the runs it chooses) are only checked above;
-# tests/test_scale.py runs resume and random: models, tests/test_ablation.py the tuned protocol.
+# trials, budgets, the 16-trial learning-rate search and the runs it chooses) are only checked above;
+# tests/test_scale.py runs resume and random: models, tests/test_ablation.py the tuned protocol,
+# tests/test_cli.py --budgets.
 # The rest run with the tiny preset added; on the tiny teacher (4 layers) pruned:15 becomes pruned:2.
 NOT_RUN = ("arc_easy", "postgresql://", "HuggingFaceTB/", "--seeds", "--workers", "--trials", "--resume", "random:",
-           "tune-lr", "--protocol")
+           "tune-lr", "--protocol", "--budgets")
 
 
 

@@ -223,8 +223,13 @@ def plot_budget_curves(points: pd.DataFrame, references: Selection, protocol: st
                     references, who, task, metric)
                 if value is not None and math.isfinite(value):
                     ax.axhline(value, color="grey", ls=style, lw=0.9, label=who if r == 0 and c == 0 else None)
-            if log:
+            if log:  # plain numbers at a few ticks: log-scale labels such as 3x10^1 overlap
+                from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             if r == len(metrics) - 1:
@@ -233,7 +238,7 @@ def plot_budget_curves(points: pd.DataFrame, references: Selection, protocol: st
                 ax.set_ylabel("gap closed" if task == "gap_closed" else column_name(task, metric), fontsize=8)
     grid[0][0].legend(fontsize=7)
     fig.suptitle(f"Test metrics against training budget ({protocol} protocol)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return _save(fig, out / ("budget_curves.png" if protocol == "paper" else f"budget_curves_{protocol}.png"))
 
 
