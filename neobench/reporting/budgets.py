@@ -183,7 +183,9 @@ def verdict_table(by_protocol: dict[str, list[Verdict]]) -> Table:
             mine = [v for v in items if (v.model, v.baseline) == pair]
             if mine:
                 notes.append(f"{protocol}: {crossing(mine)}")
-    frame = pd.DataFrame([display[k] for k in sorted(display)])
+    columns = ["pair", "budget (steps)"] + [f"{p}: {c}" for p in by_protocol for c in ("Δ NLL [95% CI]", "winner")]
+    # A budget one protocol did not train shows a dash in that protocol's columns.
+    frame = pd.DataFrame([display[k] for k in sorted(display)], columns=columns).fillna("—")
     notes.insert(0, "Δ NLL = model − baseline on the same test documents (negative: the model is better), paired-bootstrap "
                     "95% interval over documents (and seeds where a budget has several); * marks p < 0.05 after Holm's "
                     "correction over all of one protocol's pairs and budgets. winner: the lower NLL where significant, "

@@ -72,6 +72,8 @@ def render(
         if sel.students.empty:
             if protocol.name == "paper":
                 raise NeobenchError(f"preset {preset!r} has no comparable trained runs to report")
+            # No tuned run at the tables' budget yet: the search itself is still shown (its runs may be in the curves).
+            sections.append(Section(protocol, sel, [tuning_table(rows)]))
             continue
         main, variants, everyone = row_labels(sel)
         suffix = "" if protocol.name == "paper" else "_tuned"
@@ -121,7 +123,8 @@ def render(
     curve_plot = plot_curves(paper.selection, [l for l in main if l not in REFERENCES], curves, out) if curves is not None else None
     files += [curve_plot] if curve_plot else []
     readme = out / "README.md"
-    readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None, budgets=budgets))
+    readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None, budgets=budgets,
+                                           main_steps=main_steps))
     files.append(readme)
     return Report(preset, tables, left_out, files, sections, budgets)
 
@@ -153,7 +156,7 @@ def at_budget(rows: pd.DataFrame, steps: int | None) -> pd.DataFrame:
 
 
 def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False,
-                         budgets: BudgetReport | None = None) -> str:
+                         budgets: BudgetReport | None = None, main_steps: int | None = None) -> str:
     total = len({r for s in sections for r in s.selection.students["run_id"]} | (
         {r for runs in budgets.budgets.values() for b in runs for r in b.selection.students["run_id"]} if budgets else set()))
     parts = [
@@ -170,7 +173,12 @@ def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tu
     for section in sections:
         title = {"paper": "Paper protocol", "tuned": "Tuned protocol"}[section.protocol.name]
         parts.append(f"## {title}\n")
-        parts.append(PROTOCOL_TEXT[section.protocol.name] + " " + budget_line(section.selection, section.protocol))
+        if section.selection.students.empty:
+            at = f" at the preset's {main_steps} steps" if main_steps else ""
+            parts.append(PROTOCOL_TEXT[section.protocol.name] + f" No run of this protocol{at} yet: its runs at other "
+                         "budgets are in the budget curves and the verdict below.\n")
+        else:
+            parts.append(PROTOCOL_TEXT[section.protocol.name] + " " + budget_line(section.selection, section.protocol))
         for table in section.tables:
             if table.display.empty:
                 continue
