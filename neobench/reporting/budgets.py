@@ -185,7 +185,7 @@ def verdict_table(by_protocol: dict[str, list[Verdict]]) -> Table:
                 notes.append(f"{protocol}: {crossing(mine)}")
     columns = ["pair", "budget (steps)"] + [f"{p}: {c}" for p in by_protocol for c in ("Δ NLL [95% CI]", "winner")]
     # A budget one protocol did not train shows a dash in that protocol's columns.
-    frame = pd.DataFrame([display[k] for k in sorted(display)], columns=columns).fillna("—")
+    frame = pd.DataFrame([display[k] for k in sorted(display)], columns=columns, dtype=object).fillna("—")
     notes.insert(0, "Δ NLL = model − baseline on the same test documents (negative: the model is better), paired-bootstrap "
                     "95% interval over documents (and seeds where a budget has several); * marks p < 0.05 after Holm's "
                     "correction over all of one protocol's pairs and budgets. winner: the lower NLL where significant, "
