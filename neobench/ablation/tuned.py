@@ -146,13 +146,10 @@ def trial_steps(runs_dir: str, trials: list) -> int:
     return 0
 
 
-def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES,
-                    max_steps: Optional[int] = None) -> dict[str, float]:
-    """label -> the lr_scale the studies chose at the tuned budget nearest ``max_steps`` (None: the smallest tuned budget)."""
+def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: tuple[str, ...] = TUNING_STUDIES) -> dict[str, float]:
+    """label -> the lr_scale the studies chose at the smallest tuned budget."""
     by_budget = tuned_lr_scales_by_budget(runs_dir, storage, study_names)
-    if max_steps is None:
-        return by_budget[min(by_budget, key=TunedBudget.order)]
-    return by_budget[nearest_tuned(max_steps, max_steps, list(by_budget))]
+    return by_budget[min(by_budget, key=TunedBudget.order)]
 
 
 def tuned_configs(cfgs: list, given: dict) -> list:

@@ -99,13 +99,12 @@ class TeacherCache:
     def _path(self, index: int) -> Path:
         return self.root / f"ex-{index}.safetensors"
 
-    def load(self, index: int, example) -> Optional[TeacherLogProbs | torch.Tensor]:
-        """The cached entry of example ``index`` (hidden states [n, H] in hidden mode), or None if absent,
-        corrupt or made for other tokens."""
+    def _read(self, path: Path, example=None) -> Optional[dict[str, torch.Tensor]]:
+        """A cache file's tensors if it is whole (its sha256) and, given ``example``, made for its tokens;
+        else None, and a bad file is deleted (rebuilt, never used)."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
-        path = self._path(index)
         if not path.is_file():
             return None
         try:
@@ -114,9 +113,18 @@ class TeacherCache:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError):
             meta, tensors = {}, {}
-        if meta.get("sha256") != _tensor_digest(tensors) or meta.get("example") != example_digest(example.input_ids, example.labels):
-            path.unlink(missing_ok=True)  # corrupt or mismatched: rebuild, never use
+        made_for = example is None or meta.get("example") == example_digest(example.input_ids, example.labels)
+        if meta.get("sha256") != _tensor_digest(tensors) or not made_for:
+            path.unlink(missing_ok=True)
             self.rebuilt += 1
+            return None
+        return {**tensors, "_meta": meta}
+
+    def load(self, index: int, example) -> Optional[TeacherLogProbs | torch.Tensor]:
+        """The cached entry of example ``index`` (hidden states [n, H] in hidden mode), or None if absent,
+        corrupt or made for other tokens."""
+        tensors = self._read(self._path(index), example)
+        if tensors is None:
             return None
         if self.holds_hidden:
             return tensors["hidden"]
@@ -155,25 +163,14 @@ class TeacherCache:
 
     def load_head(self, device: str):
         """The teacher's head as stored, or None (absent or corrupt: the teacher is loaded and stores it again)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
-
         from neobench.training.fused_loss import LogitHead
 
         if self._head is not None:
             return self._head
-        path = self.root / self.HEAD_FILE
-        if not path.is_file():
+        tensors = self._read(self.root / self.HEAD_FILE)
+        if tensors is None:
             return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError):
-            meta, tensors = {}, {}
-        if meta.get("sha256") != _tensor_digest(tensors):
-            path.unlink(missing_ok=True)
-            return None
+        meta = tensors["_meta"]
         softcap = None if meta["softcap"] == "None" else float(meta["softcap"])
         bias = tensors.get("bias")
         self._head = LogitHead(tensors["weight"].to(device), None if bias is None else bias.to(device), int(meta["vocab_size"]),
