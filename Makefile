@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test test-under-load test-postgres test-paper-shape test-processes bench bench-paper-shape gpu-check leaderboard ablations report clean
+.PHONY: setup demo test test-under-load test-postgres test-paper-shape test-processes bench bench-peers bench-paper-shape gpu-check leaderboard ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -117,6 +117,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/matmul_limit.py
 	$(PY) benchmarks/kd_loss_cost.py loss
 	$(PY) benchmarks/step_cost.py
+
+# neobench beside TRL's distillation trainers (GKDTrainer, DistillationTrainer) on the same workload:
+# s/step, response tokens/s, peak RSS, share of the matmul limit, step-1 loss. Installs the pinned
+# TRL (the optional extra `peers`) first. About 25 minutes on 2 CPU cores.
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[peers]"
+	$(PY) benchmarks/peers.py
 
 # The paper's shapes (Llama-3.1-8B teacher, Llama-3.2-1B student, vocabulary 128,256, seq_len 1,024,
 # rank 128) with random weights: s/step and peak memory of kd and neo. On CPU both models keep 2

@@ -1,0 +1,389 @@
+"""neobench side by side with TRL's distillation trainers on the same workload (a figure, not a test).
+
+    python benchmarks/peers.py [--preset smol-cpu] [--steps 6] [--dtypes float32,bfloat16]
+                               [--sides neo,kd,minillm] [--no-cache]
+
+Needs TRL: `pip install -e '.[peers]'` (pinned). Every row trains in its own process, so its peak
+memory is its own.
+
+The workload, identical on both sides: the preset's student and teacher, the first N = steps x
+batch x accumulation examples of its training data through the student's chat template (the token
+ids neobench trains on, handed to TRL pre-tokenized), in neobench's seeded order, so that every
+optimizer step sees the same examples on both sides; batch 4 x 2 micro-batches, the preset's max
+length, learning rate, cosine schedule with 10% warm-up, no weight decay, gradient clipping at 1,
+no dropout, no gradient checkpointing, forward KL(teacher || student) at temperature 1.
+
+Sides:
+  neo   LoRA r=32 on all linear layers, alpha 64 (the preset's adapter):
+          neobench `run --method neo` (teacher online; and, as a separate row, with a complete
+          hidden-state teacher cache, which TRL has no counterpart for)
+          TRL GKDTrainer, off-policy (lmbda=0, beta=0: forward KL, no generation)
+          TRL DistillationTrainer, beta=0. TRL 1.13 gives it no off-policy switch (it samples a
+          completion from the student every step); the subclass below hands it the data set's
+          completions instead, so it does the same work as the others. (The issue asked for
+          loss_top_k=0, lmbda=0: those fields are not in TRL 1.13's DistillationConfig.)
+  kd    the same student trained fully: neobench `run --method kd` against GKDTrainer without peft.
+  minillm  (not in the default --sides) on-policy: the fully trained student samples up to 64 tokens
+        per prompt at temperature 1, and reverse KL(student || teacher) is taken on its samples.
+        neobench `run --method minillm --minillm-gold-fraction 0` (every example sampled, as TRL
+        does) against TRL's DistillationTrainer in its own on-policy mode (beta=1). Samples differ
+        between tools, so tokens/s, FLOP/s and the loss are left out of this row: s/step and memory.
+
+Precision: neobench in each of --dtypes (bfloat16: the frozen teacher and adapter base held in
+bf16, trained weights fp32 with bf16 autocast). TRL in float32 and in its default on this CPU
+(bf16=True, which TRL sets by default: accelerate's bf16 autocast over fp32 weights).
+
+Objectives differ in two ways the loss column shows:
+  * neo and kd optimise (1 - kd_ratio) CE + kd_ratio KL; TRL's trainers only the KL. The table gives
+    neobench's KL term beside TRL's loss: at step 1 both models are the same, so they should agree
+    to about 1% in fp32.
+  * neobench averages over response tokens (the assistant's span, its end-of-turn token included);
+    TRL over every token after the prompt, which adds the template's trailing newline (one token
+    per example, predicted almost surely, so it pulls TRL's mean down by about 1 / response length).
+  bf16 rows differ further by rounding.
+
+Columns: seconds per optimizer step (median of steps 2..N), response tokens per second over steps
+2..N (the same response tokens on both sides), peak RSS during training (the same measure on both
+sides: neobench.training.memory.PeakMemory), useful GFLOP/s (benchmarks/step_cost.py's count) and
+its share of the dtype's matmul limit measured in this run (benchmarks/matmul_limit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_PRECISIONS = ("float32", "default")
+"""TRL's two precisions: bf16=False, and its own default (bf16=True: autocast over fp32 weights)."""
+
+
+# --- the workload, shared by both sides ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The examples both sides train on, in the order both consume them."""
+
+    config: object  # neobench RunConfig
+    student_path: str
+    teacher_path: str
+    tokenizer: object
+    examples: list  # neobench Example (input_ids, labels), in training order
+
+    @property
+    def per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accum
+
+    def response_tokens(self, step: int) -> int:
+        """Response tokens of optimizer step ``step`` (1-based): what both sides' losses score."""
+        from neobench.data.examples import IGNORE_INDEX
+
+        chunk = self.examples[(step - 1) * self.per_step : step * self.per_step]
+        return sum(sum(1 for label in ex.labels[1:] if label != IGNORE_INDEX) for ex in chunk)
+
+    def trl_rows(self) -> list[dict]:
+        """The examples as TRL takes them pre-tokenized: the ids split at the first response token."""
+        from neobench.data.examples import IGNORE_INDEX
+
+        rows = []
+        for ex in self.examples:
+            start = next(i for i, label in enumerate(ex.labels) if i > 0 and label != IGNORE_INDEX)
+            ids = list(ex.input_ids)
+            rows.append({
+                # on-policy, TRL tokenizes this prompt and samples after it; otherwise the ids below are all it reads
+                "prompt": self.tokenizer.decode(ids[:start]),
+                "input_ids": ids, "attention_mask": [1] * len(ids), "completion_mask": [0] * start + [1] * (len(ids) - start),
+                "prompt_ids": ids[:start], "completion_ids": ids[start:],
+            })
+        return rows
+
+
+def workload_config(preset: str, method: str, steps: int, dtype: str, **overrides):
+    from neobench.runs.config import apply_overrides, load_preset
+
+    cfg = load_preset(preset)
+    n = steps * cfg.batch_size * cfg.grad_accum
+    return apply_overrides(cfg, {"method": method, "max_steps": steps, "max_examples": n, "dtype": dtype,
+                                 "eval_tasks": "none", **overrides}, "benchmarks/peers.py")
+
+
+def build_workload(cfg) -> Workload:
+    """neobench's own data path (tokenizer, chat template, labels) and its seeded example order."""
+    from neobench.data.examples import example_order
+    from neobench.training.workspace import prepare
+
+    ws = prepare(cfg)
+    order = example_order(len(ws.data.examples), cfg.max_steps * cfg.batch_size * cfg.grad_accum, cfg.seed)
+    return Workload(cfg, ws.student_path, ws.teacher_path, ws.tokenizer, [ws.data.examples[i] for i in order])
+
+
+# --- TRL, in a process of its own ---------------------------------------------------------------
+
+
+def distillation_trainer_class():
+    from trl import DistillationTrainer
+
+    class DatasetCompletionsDistillationTrainer(DistillationTrainer):
+        """TRL's DistillationTrainer with the data set's completions in place of sampled ones.
+
+        TRL 1.13 has no off-policy mode for this trainer; replacing its sampling step is the one
+        change, and everything after it (padding, teacher and student forward, chunked loss) is TRL's.
+        """
+
+        def _generate_and_score_completions(self, inputs):
+            self._rows = inputs
+            return super()._generate_and_score_completions(inputs)
+
+        def _generate(self, prompts):
+            return [r["prompt_ids"] for r in self._rows], [r["completion_ids"] for r in self._rows], None, None, []
+
+    return DatasetCompletionsDistillationTrainer
+
+
+def build_trl_trainer(spec: dict, work: Workload):
+    """TRL's trainer for `spec` (trainer: gkd | distillation, training: lora | full, precision) on `work`."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    cfg, steps = work.config, work.config.max_steps
+    torch.manual_seed(cfg.seed)
+    student = AutoModelForCausalLM.from_pretrained(work.student_path, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(work.teacher_path, dtype=torch.float32)
+    tokenizer = work.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha(), lora_dropout=cfg.dropout,
+                             target_modules="all-linear", task_type="CAUSAL_LM") if spec["training"] == "lora" else None
+    common = dict(
+        output_dir=spec["output_dir"], per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, max_steps=steps, learning_rate=cfg.effective_lr(),
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(cfg.warmup_ratio * steps), weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed,
+        gradient_checkpointing=False, use_cpu=True, bf16=spec["precision"] == "default", dataloader_num_workers=0,
+        disable_dropout=True, remove_unused_columns=False, temperature=cfg.temperature, beta=0.0,
+    )
+    dataset = datasets.Dataset.from_list(work.trl_rows())
+    if spec["trainer"] == "onpolicy":  # TRL's own mode: sample, then reverse KL on the samples
+        from trl import DistillationConfig, DistillationTrainer
+
+        common.update(beta=1.0, temperature=cfg.minillm_temperature)
+        args = DistillationConfig(**common, shuffle_dataset=False, max_completion_length=cfg.minillm_max_new_tokens)
+        return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                   processing_class=tokenizer, peft_config=peft_config)
+    if spec["trainer"] == "gkd":
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**common, lmbda=0.0, seq_kd=False, max_length=cfg.seq_len, train_sampling_strategy="sequential")
+        return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config)
+    from trl import DistillationConfig
+
+    args = DistillationConfig(**common, shuffle_dataset=False, max_completion_length=cfg.seq_len)
+    return distillation_trainer_class()(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                        processing_class=tokenizer, peft_config=peft_config)
+
+
+def trl_train(spec: dict) -> dict:
+    """Train with TRL as `spec` says; seconds per step, the first logged loss, peak RSS during training."""
+    from transformers import TrainerCallback
+
+    from neobench.training.memory import PeakMemory
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.losses = [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    work = build_workload(workload_config(spec["preset"], spec["method"], spec["steps"], "float32"))
+    trainer = build_trl_trainer(spec, work)
+    clock = StepClock()
+    trainer.add_callback(clock)
+    with PeakMemory("cpu") as memory:
+        trainer.train()
+    # TRL's loss is the KL alone: both columns carry it
+    return {"step_seconds": clock.seconds, "loss": clock.losses[0], "kl": clock.losses[0],
+            "peak_memory_bytes": memory.peak_bytes()}
+
+
+# --- neobench, in a process of its own ----------------------------------------------------------
+
+
+def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_dir: str, cache: str) -> dict:
+    cfg = workload_config(preset, method, steps, dtype)
+    cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", preset, "--method", method, "--dtype", dtype,
+           "--max-steps", str(steps), "--max-examples", str(cfg.max_examples), "--tasks", "none",
+           "--runs-dir", runs_dir, "--teacher-cache", cache]
+    if method == "minillm":
+        cmd += ["--minillm-gold-fraction", "0"]
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"neobench {method} ({dtype}) failed:\n{done.stderr[-2000:]}")
+    run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = [0.0] + [row["elapsed_s"] for row in log]
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {"step_seconds": [b - a for a, b in zip(elapsed, elapsed[1:])], "loss": log[0]["loss"], "kl": log[0]["kd"],
+            "peak_memory_bytes": metrics["cost"]["peak_memory_bytes"]}
+
+
+def trl_process(spec: dict, tmp: str) -> dict:
+    """`trl_train` in a fresh Python process, so its peak memory is its own."""
+    spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+    spec_file.write_text(json.dumps({**spec, "output_dir": str(Path(tmp) / "trl-out")}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, __file__, "--worker", str(spec_file), str(out_file)], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"TRL {spec['trainer']} ({spec['training']}, {spec['precision']}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(out_file.read_text())
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    tool: str
+    trainer: str
+    side: str
+    precision: str
+    result: dict
+
+    def seconds(self, work: Workload) -> float:
+        return statistics.median(self.result["step_seconds"][1:] or self.result["step_seconds"])
+
+    def tokens_per_second(self, work: Workload) -> float:
+        times = self.result["step_seconds"]
+        later = range(2, len(times) + 1) if len(times) > 1 else range(1, 2)
+        return sum(work.response_tokens(s) for s in later) / sum(times[s - 1] for s in later)
+
+
+def step_flops(work: Workload, full: bool, teacher_runs: bool) -> float:
+    """Useful FLOPs per step, counted as benchmarks/step_cost.py counts them, over the workload's examples."""
+    from transformers import AutoConfig
+
+    from benchmarks.step_cost import forward_flops
+
+    steps = work.config.max_steps
+    tokens = sum(len(ex.input_ids) for ex in work.examples) / steps
+    scored = sum(work.response_tokens(s) for s in range(1, steps + 1)) / steps
+    mean_length = tokens * steps / len(work.examples)
+    student, teacher = AutoConfig.from_pretrained(work.student_path), AutoConfig.from_pretrained(work.teacher_path)
+    vocab = student.vocab_size
+    total = forward_flops(student, tokens, scored, mean_length, vocab) * (3 if full else 2)
+    if teacher_runs:
+        total += forward_flops(teacher, tokens, scored, mean_length, vocab)
+    return total
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        spec = json.loads(Path(sys.argv[2]).read_text())
+        Path(sys.argv[3]).write_text(json.dumps(trl_train(spec)))
+        return
+    sys.path.insert(0, str(REPO))
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed; install the pinned peer with: pip install -e '.[peers]'") from None
+    from benchmarks.matmul_limit import limits
+    from neobench.models.precision import cpu_bf16_kernel, cpu_has_native_bf16
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smol-cpu")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per row (timing: median of steps 2..N)")
+    parser.add_argument("--dtypes", default=None, help="neobench's dtypes; default float32 (+ bfloat16 where native)")
+    parser.add_argument("--sides", default="neo,kd", help="comma-separated: neo (LoRA + KD), kd (full-weight KD), "
+                        "minillm (on-policy, full weights)")
+    parser.add_argument("--trainers", default="gkd,distillation", help="TRL trainers for the neo side (kd: gkd)")
+    parser.add_argument("--no-cache", action="store_true", help="leave out neobench's teacher-cache row")
+    args = parser.parse_args()
+    if args.steps < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is left out of the timing)")
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+    sides = args.sides.split(",")
+    if not sides or not set(sides) <= {"neo", "kd", "minillm"}:
+        raise SystemExit(f"--sides takes neo, kd and/or minillm, not {args.sides!r}")
+
+    limit, _ = limits(args.preset)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            for dtype in dtypes:
+                print(f"... neobench {side} {dtype}", file=sys.stderr, flush=True)
+                rows.append(Row("neobench", "run", side, dtype,
+                                neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "off")))
+            if side == "neo" and not args.no_cache:
+                for dtype in dtypes:
+                    print(f"... neobench {side} {dtype}, filling the teacher cache (untimed)", file=sys.stderr, flush=True)
+                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs-fill", "hidden")
+                    rows.append(Row("neobench", "run, teacher cache", side, dtype,
+                                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")))
+            trainers = {"neo": args.trainers.split(","), "kd": ["gkd"], "minillm": ["onpolicy"]}[side]
+            for trainer in trainers:
+                for precision in TRL_PRECISIONS:
+                    print(f"... TRL {trainer} {side} {precision}", file=sys.stderr, flush=True)
+                    spec = {"preset": args.preset, "method": side, "steps": args.steps, "trainer": trainer,
+                            "training": "lora" if side == "neo" else "full", "precision": precision}
+                    name = {"gkd": "GKDTrainer", "distillation": "DistillationTrainer",
+                            "onpolicy": "DistillationTrainer, on-policy"}[trainer]
+                    rows.append(Row(f"TRL {trl.__version__}", name, side, precision, trl_process(spec, tmp)))
+
+    work = build_workload(workload_config(args.preset, "neo", args.steps, "float32"))
+    print(f"\npreset {args.preset}: first {len(work.examples)} training examples, {args.steps} steps of batch "
+          f"{work.config.batch_size} x {work.config.grad_accum} micro-batches, max length {work.config.seq_len}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, bf16 matmuls on {cpu_bf16_kernel()}; "
+          f"matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
+    print("| side | tool | trainer | precision | s/step | response tok/s | peak RSS (GiB) | GFLOP/s | share of limit "
+          "| step-1 KL | step-1 loss |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        seconds, r = row.seconds(work), row.result
+        label = {"default": "default (bf16 autocast)"}.get(row.precision, row.precision)
+        cells = [row.side, row.tool, row.trainer, label, f"{seconds:.2f}"]
+        if row.side == "minillm":  # sampled sequences differ between tools: time and memory only
+            cells += ["n/a", f"{r['peak_memory_bytes'] / 2**30:.2f}", "n/a", "n/a", "n/a", "n/a"]
+        else:
+            flops = step_flops(work, full=row.side == "kd", teacher_runs=row.trainer != "run, teacher cache")
+            # bf16 autocast runs the matmuls in bf16, so TRL's default is held to the bf16 limit
+            achieved = flops / seconds / 1e9
+            cells += [f"{row.tokens_per_second(work):.0f}", f"{r['peak_memory_bytes'] / 2**30:.2f}", f"{achieved:.0f}",
+                      f"{achieved / limit['float32' if row.precision == 'float32' else 'bfloat16']:.0%}",
+                      f"{r['kl']:.4f}", f"{r['loss']:.4f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nneobench / TRL, like with like (neobench float32 against TRL float32, neobench bfloat16 against TRL's "
+          "default); throughput = TRL's s/step over neobench's, memory = neobench's peak over TRL's:")
+    matching = {"float32": "float32", "bfloat16": "default"}
+    for row in rows:
+        for peer in rows:
+            if row.tool == "neobench" and peer.tool != "neobench" and peer.side == row.side \
+                    and peer.precision == matching[row.precision]:
+                print(f"  {row.side} {row.precision}: neobench {row.trainer} vs {peer.trainer}: "
+                      f"throughput {peer.seconds(work) / row.seconds(work):.2f}x, "
+                      f"peak memory {row.result['peak_memory_bytes'] / peer.result['peak_memory_bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
