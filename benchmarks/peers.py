@@ -11,7 +11,12 @@ batch x accumulation examples of its training data through the student's chat te
 ids neobench trains on, handed to TRL pre-tokenized), in neobench's seeded order, so that every
 optimizer step sees the same examples on both sides; batch 4 x 2 micro-batches, the preset's max
 length, learning rate, cosine schedule with 10% warm-up, no weight decay, gradient clipping at 1,
-no dropout, no gradient checkpointing, forward KL(teacher || student) at temperature 1.
+no dropout, no gradient checkpointing, forward KL(teacher || student) at temperature 1. Two things
+stay each tool's own: padding (neobench sorts a step's 8 examples by length before cutting them
+into micro-batches; GKDTrainer pads each micro-batch of 4 in the data order to its longest;
+DistillationTrainer pads all 8 to the longest prompt plus the longest completion), and the first
+warm-up step's rate (transformers gives it 0, neobench half the peak: no effect on the timing or on
+the step-1 loss).
 
 Sides:
   neo   LoRA r=32 on all linear layers, alpha 64 (the preset's adapter):
@@ -20,7 +25,7 @@ Sides:
           TRL GKDTrainer, off-policy (lmbda=0, beta=0: forward KL, no generation)
           TRL DistillationTrainer, beta=0. TRL 1.13 gives it no off-policy switch (it samples a
           completion from the student every step); the subclass below hands it the data set's
-          completions instead, so it does the same work as the others. (The issue asked for
+          completions instead, so it trains on the same tokens as the others. (The issue asked for
           loss_top_k=0, lmbda=0: those fields are not in TRL 1.13's DistillationConfig.)
   kd    the same student trained fully: neobench `run --method kd` against GKDTrainer without peft.
   minillm  (not in the default --sides) on-policy: the fully trained student samples up to 64 tokens
@@ -28,10 +33,17 @@ Sides:
         neobench `run --method minillm --minillm-gold-fraction 0` (every example sampled, as TRL
         does) against TRL's DistillationTrainer in its own on-policy mode (beta=1). Samples differ
         between tools, so tokens/s, FLOP/s and the loss are left out of this row: s/step and memory.
+        neobench's step also runs a teacher-forced pass over the gold responses (its CE term, weight
+        1), which TRL's does not: neobench does more work per step here.
 
 Precision: neobench in each of --dtypes (bfloat16: the frozen teacher and adapter base held in
-bf16, trained weights fp32 with bf16 autocast). TRL in float32 and in its default on this CPU
-(bf16=True, which TRL sets by default: accelerate's bf16 autocast over fp32 weights).
+bf16, trained weights fp32 with bf16 autocast). TRL beside each: float32 (bf16=False), and for
+bfloat16 its own default (bf16=True, which TRL sets by default: accelerate's bf16 autocast over
+fp32 weights). DistillationTrainer's loss calls the models' bare forwards, which escape
+accelerate's autocast wrapper, so with bf16=True it would still compute in fp32 (TRL 1.13); the
+subclasses below run its loss under the accelerator's autocast, as bf16=True means. The
+"compute" column is measured, not assumed: the dtype of the first q_proj output of each model
+during training.
 
 Objectives differ in two ways the loss column shows:
   * neo and kd optimise (1 - kd_ratio) CE + kd_ratio KL; TRL's trainers only the KL. The table gives
@@ -42,10 +54,12 @@ Objectives differ in two ways the loss column shows:
     per example, predicted almost surely, so it pulls TRL's mean down by about 1 / response length).
   bf16 rows differ further by rounding.
 
-Columns: seconds per optimizer step (median of steps 2..N), response tokens per second over steps
+Columns: seconds per optimizer step (median of steps 2..N; each step timed from the end of the
+one before, so batching and logging count on both sides), response tokens per second over steps
 2..N (the same response tokens on both sides), peak RSS during training (the same measure on both
-sides: neobench.training.memory.PeakMemory), useful GFLOP/s (benchmarks/step_cost.py's count) and
-its share of the dtype's matmul limit measured in this run (benchmarks/matmul_limit.py).
+sides: neobench.training.memory.PeakMemory, reset after the models are loaded), useful GFLOP/s over
+steps 2..N (benchmarks/step_cost.py's count) and its share of the matmul limit of the compute
+dtype, measured in this run (benchmarks/matmul_limit.py).
 """
 
 from __future__ import annotations
@@ -64,8 +78,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_PRECISIONS = ("float32", "default")
-"""TRL's two precisions: bf16=False, and its own default (bf16=True: autocast over fp32 weights)."""
+TRL_PRECISION = {"float32": "float32", "bfloat16": "default"}
+"""TRL's precision beside each neobench dtype: bf16=False, or its own default (bf16=True: autocast
+over fp32 weights)."""
+TRAINER_NAMES = {"gkd": "GKDTrainer", "distillation": "DistillationTrainer", "onpolicy": "DistillationTrainer, on-policy"}
 
 
 # --- the workload, shared by both sides ---------------------------------------------------------
@@ -131,10 +147,22 @@ def build_workload(cfg) -> Workload:
 # --- TRL, in a process of its own ---------------------------------------------------------------
 
 
-def distillation_trainer_class():
+def distillation_trainer_class(dataset_completions: bool):
     from trl import DistillationTrainer
 
-    class DatasetCompletionsDistillationTrainer(DistillationTrainer):
+    class AutocastDistillationTrainer(DistillationTrainer):
+        """bf16=True as TRL means it: the loss path calls the models' bare forwards, which escape
+        accelerate's autocast wrapper (TRL 1.13), so the loss runs under the accelerator's autocast
+        (a no-op with bf16=False)."""
+
+        def compute_loss(self, *args, **kwargs):
+            with self.accelerator.autocast():
+                return super().compute_loss(*args, **kwargs)
+
+    if not dataset_completions:
+        return AutocastDistillationTrainer
+
+    class DatasetCompletionsDistillationTrainer(AutocastDistillationTrainer):
         """TRL's DistillationTrainer with the data set's completions in place of sampled ones.
 
         TRL 1.13 has no off-policy mode for this trainer; replacing its sampling step is the one
@@ -159,14 +187,21 @@ def build_trl_trainer(spec: dict, work: Workload):
     from transformers import AutoModelForCausalLM
 
     cfg, steps = work.config, work.config.max_steps
+    if spec["trainer"] not in TRAINER_NAMES:
+        raise ValueError(f"unknown TRL trainer {spec['trainer']!r}; valid: {', '.join(TRAINER_NAMES)}")
+    # What the TRL side below can mirror: GKDTrainer's loss has no temperature, and the adapter is plain LoRA
+    if cfg.temperature != 1.0 or (spec["training"] == "lora" and cfg.effective_variant() != "lora"):
+        raise SystemExit("benchmarks/peers.py mirrors temperature 1 and plain LoRA only; "
+                         f"the preset has temperature {cfg.temperature}, variant {cfg.effective_variant()}")
     torch.manual_seed(cfg.seed)
     student = AutoModelForCausalLM.from_pretrained(work.student_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(work.teacher_path, dtype=torch.float32)
     tokenizer = work.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [m.strip() for m in cfg.target_modules.split(",")]
     peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha(), lora_dropout=cfg.dropout,
-                             target_modules="all-linear", task_type="CAUSAL_LM") if spec["training"] == "lora" else None
+                             target_modules=targets, task_type="CAUSAL_LM") if spec["training"] == "lora" else None
     common = dict(
         output_dir=spec["output_dir"], per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, max_steps=steps, learning_rate=cfg.effective_lr(),
@@ -177,12 +212,13 @@ def build_trl_trainer(spec: dict, work: Workload):
     )
     dataset = datasets.Dataset.from_list(work.trl_rows())
     if spec["trainer"] == "onpolicy":  # TRL's own mode: sample, then reverse KL on the samples
-        from trl import DistillationConfig, DistillationTrainer
+        from trl import DistillationConfig
 
         common.update(beta=1.0, temperature=cfg.minillm_temperature)
         args = DistillationConfig(**common, shuffle_dataset=False, max_completion_length=cfg.minillm_max_new_tokens)
-        return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                   processing_class=tokenizer, peft_config=peft_config)
+        return distillation_trainer_class(dataset_completions=False)(
+            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer,
+            peft_config=peft_config)
     if spec["trainer"] == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -192,8 +228,19 @@ def build_trl_trainer(spec: dict, work: Workload):
     from trl import DistillationConfig
 
     args = DistillationConfig(**common, shuffle_dataset=False, max_completion_length=cfg.seq_len)
-    return distillation_trainer_class()(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+    return distillation_trainer_class(dataset_completions=True)(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                         processing_class=tokenizer, peft_config=peft_config)
+
+
+def watch_compute_dtype(model) -> set:
+    """The dtypes the model's first q_proj matmul (the base layer under an adapter) outputs from now on."""
+    import torch
+
+    seen: set = set()
+    layer = next(m for name, m in model.named_modules()
+                 if name.endswith(("q_proj", "q_proj.base_layer")) and type(m) is torch.nn.Linear)
+    layer.register_forward_hook(lambda module, args, out: seen.add(str(out.dtype).removeprefix("torch.")))
+    return seen
 
 
 def trl_train(spec: dict) -> dict:
@@ -203,14 +250,19 @@ def trl_train(spec: dict) -> dict:
     from neobench.training.memory import PeakMemory
 
     class StepClock(TrainerCallback):
+        """Each step from the end of the one before (the first from the start of training), so the
+        batch fetching and logging between steps count, as in neobench's log."""
+
         def __init__(self):
             self.seconds, self.losses = [], []
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self.started)
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -220,18 +272,22 @@ def trl_train(spec: dict) -> dict:
     trainer = build_trl_trainer(spec, work)
     clock = StepClock()
     trainer.add_callback(clock)
+    student_dtypes, teacher_dtypes = watch_compute_dtype(trainer.model), watch_compute_dtype(trainer.teacher_model)
     with PeakMemory("cpu") as memory:
         trainer.train()
     # TRL's loss is the KL alone: both columns carry it
     return {"step_seconds": clock.seconds, "loss": clock.losses[0], "kl": clock.losses[0],
-            "peak_memory_bytes": memory.peak_bytes()}
+            "peak_memory_bytes": memory.peak_bytes(),
+            "compute": {"student": sorted(student_dtypes), "teacher": sorted(teacher_dtypes)}}
 
 
 # --- neobench, in a process of its own ----------------------------------------------------------
 
 
-def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_dir: str, cache: str) -> dict:
+def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: str, cache: str) -> dict:
     cfg = workload_config(preset, method, steps, dtype)
+    Path(runs_root).mkdir(parents=True, exist_ok=True)
+    runs_dir = tempfile.mkdtemp(dir=runs_root)  # one run per folder: the run read back is this one
     cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", preset, "--method", method, "--dtype", dtype,
            "--max-steps", str(steps), "--max-examples", str(cfg.max_examples), "--tasks", "none",
            "--runs-dir", runs_dir, "--teacher-cache", cache]
@@ -240,12 +296,14 @@ def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_dir: s
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"neobench {method} ({dtype}) failed:\n{done.stderr[-2000:]}")
-    run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
+    (run,) = Path(runs_dir).iterdir()
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
     elapsed = [0.0] + [row["elapsed_s"] for row in log]
     metrics = json.loads((run / "metrics.json").read_text())
+    # neobench's bf16: frozen weights held in bf16, the rest under bf16 autocast (README, precision)
     return {"step_seconds": [b - a for a, b in zip(elapsed, elapsed[1:])], "loss": log[0]["loss"], "kl": log[0]["kd"],
-            "peak_memory_bytes": metrics["cost"]["peak_memory_bytes"]}
+            "peak_memory_bytes": metrics["cost"]["peak_memory_bytes"],
+            "compute": {"student": [dtype], "teacher": [dtype]}}
 
 
 def trl_process(spec: dict, tmp: str) -> dict:
@@ -271,25 +329,34 @@ class Row:
     precision: str
     result: dict
 
-    def seconds(self, work: Workload) -> float:
-        return statistics.median(self.result["step_seconds"][1:] or self.result["step_seconds"])
+    @property
+    def timed_steps(self) -> range:
+        """Steps 2..N (1-based): the first carries one-off start-up work on both sides."""
+        return range(2, len(self.result["step_seconds"]) + 1)
+
+    def seconds(self) -> float:
+        return statistics.median(self.result["step_seconds"][1:])
 
     def tokens_per_second(self, work: Workload) -> float:
         times = self.result["step_seconds"]
-        later = range(2, len(times) + 1) if len(times) > 1 else range(1, 2)
-        return sum(work.response_tokens(s) for s in later) / sum(times[s - 1] for s in later)
+        return sum(work.response_tokens(s) for s in self.timed_steps) / sum(times[s - 1] for s in self.timed_steps)
+
+    def compute(self) -> str:
+        """What the matmuls ran in, e.g. "bfloat16" or "student float32, teacher bfloat16"."""
+        student, teacher = ("/".join(self.result["compute"][k]) for k in ("student", "teacher"))
+        return student if student == teacher else f"student {student}, teacher {teacher}"
 
 
-def step_flops(work: Workload, full: bool, teacher_runs: bool) -> float:
-    """Useful FLOPs per step, counted as benchmarks/step_cost.py counts them, over the workload's examples."""
+def step_flops(work: Workload, steps: range, full: bool, teacher_runs: bool) -> float:
+    """Useful FLOPs per step over `steps`, counted as benchmarks/step_cost.py counts them."""
     from transformers import AutoConfig
 
     from benchmarks.step_cost import forward_flops
 
-    steps = work.config.max_steps
-    tokens = sum(len(ex.input_ids) for ex in work.examples) / steps
-    scored = sum(work.response_tokens(s) for s in range(1, steps + 1)) / steps
-    mean_length = tokens * steps / len(work.examples)
+    examples = [ex for s in steps for ex in work.examples[(s - 1) * work.per_step : s * work.per_step]]
+    tokens = sum(len(ex.input_ids) for ex in examples) / len(steps)
+    scored = sum(work.response_tokens(s) for s in steps) / len(steps)
+    mean_length = tokens * len(steps) / len(examples)
     student, teacher = AutoConfig.from_pretrained(work.student_path), AutoConfig.from_pretrained(work.teacher_path)
     vocab = student.vocab_size
     total = forward_flops(student, tokens, scored, mean_length, vocab) * (3 if full else 2)
@@ -298,35 +365,50 @@ def step_flops(work: Workload, full: bool, teacher_runs: bool) -> float:
     return total
 
 
+def parse_list(value: str, valid, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    wrong = [v for v in items if v not in valid]
+    if not items or wrong:
+        raise SystemExit(f"{what} takes a comma-separated list of {', '.join(valid)}; got {value!r}")
+    return items
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         spec = json.loads(Path(sys.argv[2]).read_text())
         Path(sys.argv[3]).write_text(json.dumps(trl_train(spec)))
         return
     sys.path.insert(0, str(REPO))
+    from neobench.models.precision import cpu_has_native_bf16
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smol-cpu")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per row (timing: median of steps 2..N)")
+    parser.add_argument("--dtypes", default=None, help="neobench's dtypes (TRL runs beside each: float32, or its "
+                        "bf16 default beside bfloat16); default float32 (+ bfloat16 where native)")
+    parser.add_argument("--sides", default="neo,kd", help="comma-separated: neo (LoRA + KD), kd (full-weight KD), "
+                        "minillm (on-policy, full weights)")
+    parser.add_argument("--trainers", default="gkd,distillation", help="TRL trainers for the neo side (kd: gkd)")
+    parser.add_argument("--no-cache", action="store_true", help="leave out neobench's teacher-cache row")
+    parser.add_argument("--save", type=Path, help="also write the measured rows to this JSON file")
+    parser.add_argument("--load", type=Path, help="print the table of rows saved by --save, without training")
+    args = parser.parse_args()
+    if args.steps < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is left out of the timing)")
+    dtypes = (parse_list(args.dtypes, TRL_PRECISION, "--dtypes") if args.dtypes
+              else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else []))
+    sides = parse_list(args.sides, ("neo", "kd", "minillm"), "--sides")
+    neo_trainers = parse_list(args.trainers, ("gkd", "distillation"), "--trainers")
     try:
         import trl
     except ImportError:
         raise SystemExit("TRL is not installed; install the pinned peer with: pip install -e '.[peers]'") from None
     from benchmarks.matmul_limit import limits
-    from neobench.models.precision import cpu_bf16_kernel, cpu_has_native_bf16
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smol-cpu")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per row (timing: median of steps 2..N)")
-    parser.add_argument("--dtypes", default=None, help="neobench's dtypes; default float32 (+ bfloat16 where native)")
-    parser.add_argument("--sides", default="neo,kd", help="comma-separated: neo (LoRA + KD), kd (full-weight KD), "
-                        "minillm (on-policy, full weights)")
-    parser.add_argument("--trainers", default="gkd,distillation", help="TRL trainers for the neo side (kd: gkd)")
-    parser.add_argument("--no-cache", action="store_true", help="leave out neobench's teacher-cache row")
-    args = parser.parse_args()
-    if args.steps < 2:
-        raise SystemExit("--steps must be at least 2 (the first step is left out of the timing)")
-    dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
-    sides = args.sides.split(",")
-    if not sides or not set(sides) <= {"neo", "kd", "minillm"}:
-        raise SystemExit(f"--sides takes neo, kd and/or minillm, not {args.sides!r}")
-
+    if args.load:
+        saved = json.loads(args.load.read_text())
+        print_table(saved["preset"], saved["steps"], saved["limit"], [Row(**row) for row in saved["rows"]])
+        return
     limit, _ = limits(args.preset)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -338,52 +420,57 @@ def main() -> None:
             if side == "neo" and not args.no_cache:
                 for dtype in dtypes:
                     print(f"... neobench {side} {dtype}, filling the teacher cache (untimed)", file=sys.stderr, flush=True)
-                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs-fill", "hidden")
+                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")
                     rows.append(Row("neobench", "run, teacher cache", side, dtype,
                                     neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")))
-            trainers = {"neo": args.trainers.split(","), "kd": ["gkd"], "minillm": ["onpolicy"]}[side]
+            trainers = {"neo": neo_trainers, "kd": ["gkd"], "minillm": ["onpolicy"]}[side]
             for trainer in trainers:
-                for precision in TRL_PRECISIONS:
+                for precision in (TRL_PRECISION[d] for d in dtypes):
                     print(f"... TRL {trainer} {side} {precision}", file=sys.stderr, flush=True)
                     spec = {"preset": args.preset, "method": side, "steps": args.steps, "trainer": trainer,
                             "training": "lora" if side == "neo" else "full", "precision": precision}
-                    name = {"gkd": "GKDTrainer", "distillation": "DistillationTrainer",
-                            "onpolicy": "DistillationTrainer, on-policy"}[trainer]
-                    rows.append(Row(f"TRL {trl.__version__}", name, side, precision, trl_process(spec, tmp)))
+                    rows.append(Row(f"TRL {trl.__version__}", TRAINER_NAMES[trainer], side, precision,
+                                    trl_process(spec, tmp)))
+    if args.save:
+        args.save.write_text(json.dumps({"preset": args.preset, "steps": args.steps, "limit": limit,
+                                         "rows": [row.__dict__ for row in rows]}, indent=1))
+    print_table(args.preset, args.steps, limit, rows)
 
-    work = build_workload(workload_config(args.preset, "neo", args.steps, "float32"))
-    print(f"\npreset {args.preset}: first {len(work.examples)} training examples, {args.steps} steps of batch "
+
+def print_table(preset: str, steps: int, limit: dict, rows: list[Row]) -> None:
+    from neobench.models.precision import cpu_bf16_kernel
+
+    work = build_workload(workload_config(preset, "neo", steps, "float32"))
+    print(f"\npreset {preset}: first {len(work.examples)} training examples, {steps} steps of batch "
           f"{work.config.batch_size} x {work.config.grad_accum} micro-batches, max length {work.config.seq_len}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, bf16 matmuls on {cpu_bf16_kernel()}; "
           f"matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
-    print("| side | tool | trainer | precision | s/step | response tok/s | peak RSS (GiB) | GFLOP/s | share of limit "
-          "| step-1 KL | step-1 loss |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| side | tool | trainer | precision | compute | s/step | response tok/s | peak RSS (GiB) | GFLOP/s "
+          "| share of limit | step-1 KL | step-1 loss |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        seconds, r = row.seconds(work), row.result
-        label = {"default": "default (bf16 autocast)"}.get(row.precision, row.precision)
-        cells = [row.side, row.tool, row.trainer, label, f"{seconds:.2f}"]
+        seconds, r = row.seconds(), row.result
+        label = {"default": "default (bf16=True)"}.get(row.precision, row.precision)
+        cells = [row.side, row.tool, row.trainer, label, row.compute(), f"{seconds:.2f}"]
         if row.side == "minillm":  # sampled sequences differ between tools: time and memory only
             cells += ["n/a", f"{r['peak_memory_bytes'] / 2**30:.2f}", "n/a", "n/a", "n/a", "n/a"]
         else:
-            flops = step_flops(work, full=row.side == "kd", teacher_runs=row.trainer != "run, teacher cache")
-            # bf16 autocast runs the matmuls in bf16, so TRL's default is held to the bf16 limit
+            flops = step_flops(work, row.timed_steps, full=row.side == "kd", teacher_runs=row.trainer != "run, teacher cache")
             achieved = flops / seconds / 1e9
+            # held to the limit of the dtype its student's matmuls ran in
+            ran = "bfloat16" if "bfloat16" in r["compute"]["student"] else "float32"
             cells += [f"{row.tokens_per_second(work):.0f}", f"{r['peak_memory_bytes'] / 2**30:.2f}", f"{achieved:.0f}",
-                      f"{achieved / limit['float32' if row.precision == 'float32' else 'bfloat16']:.0%}",
-                      f"{r['kl']:.4f}", f"{r['loss']:.4f}"]
+                      f"{achieved / limit[ran]:.0%}", f"{r['kl']:.4f}", f"{r['loss']:.4f}"]
         print("| " + " | ".join(cells) + " |")
-    print("\nneobench / TRL, like with like (neobench float32 against TRL float32, neobench bfloat16 against TRL's "
-          "default); throughput = TRL's s/step over neobench's, memory = neobench's peak over TRL's:")
-    matching = {"float32": "float32", "bfloat16": "default"}
+    print("\nneobench / TRL, like with like (neobench float32 beside TRL float32, neobench bfloat16 beside TRL's "
+          "default); speed = TRL's s/step over neobench's, memory = neobench's peak over TRL's:")
     for row in rows:
         for peer in rows:
             if row.tool == "neobench" and peer.tool != "neobench" and peer.side == row.side \
-                    and peer.precision == matching[row.precision]:
+                    and peer.precision == TRL_PRECISION[row.precision]:
                 print(f"  {row.side} {row.precision}: neobench {row.trainer} vs {peer.trainer}: "
-                      f"throughput {peer.seconds(work) / row.seconds(work):.2f}x, "
+                      f"speed {peer.seconds() / row.seconds():.2f}x, "
                       f"peak memory {row.result['peak_memory_bytes'] / peer.result['peak_memory_bytes']:.2f}x")
-
 
 if __name__ == "__main__":
     main()

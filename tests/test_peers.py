@@ -84,3 +84,18 @@ def test_trl_rows_split_each_example_at_its_first_response_token(tiny_preset):
         assert work.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] == row["prompt_ids"]
     assert work.response_tokens(1) + work.response_tokens(2) == sum(
         sum(1 for label in ex.labels[1:] if label != IGNORE_INDEX) for ex in work.examples)
+
+
+@pytest.mark.parametrize("trainer_name", ["gkd", "distillation"])
+def test_trl_default_precision_computes_in_bf16(tiny_preset, tmp_path, trainer_name):
+    """TRL's bf16=True reaches the matmuls of both trainers (DistillationTrainer's through the
+    benchmark's autocast subclass: its bare forwards escape accelerate's wrapper), and float32 stays fp32."""
+    work = peers.build_workload(peers.workload_config(str(tiny_preset), "neo", 1, "float32"))
+    seen = {}
+    for precision in ("default", "float32"):
+        spec = {"trainer": trainer_name, "training": "lora", "precision": precision, "output_dir": str(tmp_path / precision)}
+        trainer = peers.build_trl_trainer(spec, work)
+        seen[precision] = (peers.watch_compute_dtype(trainer.model), peers.watch_compute_dtype(trainer.teacher_model))
+        trainer.train()
+    assert seen["default"] == ({"bfloat16"}, {"bfloat16"})
+    assert seen["float32"] == ({"float32"}, {"float32"})
