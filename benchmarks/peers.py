@@ -306,15 +306,43 @@ def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: 
             "compute": {"student": [dtype], "teacher": [dtype]}}
 
 
+def profile_row(spec: dict) -> str:
+    """Where a row's time goes: torch.profiler's top operators by self CPU time over steps 2 and 3."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=2, repeat=1))
+    if spec["tool"] == "neobench":
+        from neobench.runs.execute import execute
+
+        cfg = workload_config(spec["preset"], spec["method"], 3, spec["precision"], runs_dir=spec["output_dir"],
+                              teacher_cache="off")
+        with prof:
+            execute(cfg, after_step=lambda *_: prof.step())
+    else:
+        from transformers import TrainerCallback
+
+        class Step(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                prof.step()
+
+        trainer = build_trl_trainer(spec, build_workload(workload_config(spec["preset"], spec["method"], 3, "float32")))
+        trainer.add_callback(Step())
+        with prof:
+            trainer.train()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
 def trl_process(spec: dict, tmp: str) -> dict:
     """`trl_train` in a fresh Python process, so its peak memory is its own."""
     spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
     spec_file.write_text(json.dumps({**spec, "output_dir": str(Path(tmp) / "trl-out")}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, __file__, "--worker", str(spec_file), str(out_file)], cwd=REPO, env=env,
+    mode = "--profile-worker" if spec.get("profile") else "--worker"
+    done = subprocess.run([sys.executable, __file__, mode, str(spec_file), str(out_file)], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"TRL {spec['trainer']} ({spec['training']}, {spec['precision']}) failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{spec.get('tool', 'TRL')} {spec['trainer']} ({spec['training']}, {spec['precision']}) "
+                         f"failed:\n{done.stderr[-3000:]}")
     return json.loads(out_file.read_text())
 
 
@@ -374,9 +402,10 @@ def parse_list(value: str, valid, what: str) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 4 and sys.argv[1] in ("--worker", "--profile-worker"):
         spec = json.loads(Path(sys.argv[2]).read_text())
-        Path(sys.argv[3]).write_text(json.dumps(trl_train(spec)))
+        result = trl_train(spec) if sys.argv[1] == "--worker" else {"table": profile_row(spec)}
+        Path(sys.argv[3]).write_text(json.dumps(result))
         return
     sys.path.insert(0, str(REPO))
     from neobench.models.precision import cpu_has_native_bf16
@@ -392,6 +421,8 @@ def main() -> None:
     parser.add_argument("--no-cache", action="store_true", help="leave out neobench's teacher-cache row")
     parser.add_argument("--save", type=Path, help="also write the measured rows to this JSON file")
     parser.add_argument("--load", type=Path, help="print the table of rows saved by --save, without training")
+    parser.add_argument("--profile", action="store_true", help="instead of the table: top operators of neobench's "
+                        "neo and TRL's GKDTrainer (LoRA) in each of --dtypes, steps 2-3 under torch.profiler")
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step is left out of the timing)")
@@ -408,6 +439,16 @@ def main() -> None:
     if args.load:
         saved = json.loads(args.load.read_text())
         print_table(saved["preset"], saved["steps"], saved["limit"], [Row(**row) for row in saved["rows"]])
+        return
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype in dtypes:
+                for tool, precision in (("neobench", dtype), ("TRL", TRL_PRECISION[dtype])):
+                    print(f"... profiling {tool} neo {precision}", file=sys.stderr, flush=True)
+                    spec = {"preset": args.preset, "method": "neo", "trainer": "gkd" if tool == "TRL" else "run",
+                            "training": "lora", "precision": precision, "tool": tool, "profile": True}
+                    table = trl_process(spec, tmp)["table"]
+                    print(f"\n{tool} neo ({'GKDTrainer, ' if tool == 'TRL' else ''}{precision}), steps 2-3:\n{table}")
         return
     limit, _ = limits(args.preset)
     rows: list[Row] = []
