@@ -110,11 +110,11 @@ class Workload:
 
     def trl_rows(self) -> list[dict]:
         """The examples as TRL takes them pre-tokenized: the ids split at the first response token."""
-        from neobench.data.examples import IGNORE_INDEX
+        from neobench.training.onpolicy import prompt_of
 
         rows = []
         for ex in self.examples:
-            start = next(i for i, label in enumerate(ex.labels) if i > 0 and label != IGNORE_INDEX)
+            start = len(prompt_of(ex))  # the prompt neobench's own on-policy method samples after
             ids = list(ex.input_ids)
             rows.append({
                 # on-policy, TRL tokenizes this prompt and samples after it; otherwise the ids below are all it reads
