@@ -1,5 +1,6 @@
 """The training loop on tiny models: every method x variant learns; adapters behave."""
 
+import contextlib
 import dataclasses
 import math
 
@@ -164,3 +165,47 @@ def test_micro_batches_group_a_steps_examples_by_length():
     groups = group_by_length(picks, lengths, 4)
     assert groups == [[7, 1, 4, 6], [3, 2, 0, 5]]  # ties keep the seeded order (1 before 4, 2 before 0)
     assert sorted(i for g in groups for i in g) == sorted(picks)  # the step sees the same examples
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS.names()))
+def test_adapter_inputs_left_in_bf16_change_no_bit(tiny, variant):
+    """peft's cast of each adapter input to fp32 (undone at once by autocast) only costs copies:
+    without it, a bf16 step's loss and every adapter gradient are bit for bit the same. DoRA
+    depends on it, so the guard leaves DoRA's casts in place (and a plain LoRA shows the test bites)."""
+    from neobench.models.precision import autocast
+    from neobench.training.loop import adapter_inputs_uncast
+
+    ids = torch.arange(3, 43).reshape(2, 20) % tiny["vocab"]
+    results = []
+    for uncast in (False, True):
+        model = apply_adapter(load_causal_lm(str(tiny["student"]), torch.bfloat16, "cpu"), variant, 4, 8.0, 0.0, "all-linear", 0)
+        with torch.no_grad():  # B = 0 at init would hide the path through B
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        guard = adapter_inputs_uncast(model, torch.bfloat16, variant) if uncast else contextlib.nullcontext()
+        with autocast("cpu", torch.bfloat16), guard:
+            loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_cast, grads_cast), (loss_uncast, grads_uncast) = results
+    assert torch.equal(loss_cast, loss_uncast)
+    assert grads_cast.keys() == grads_uncast.keys() and grads_cast
+    for name in grads_cast:
+        assert torch.equal(grads_cast[name], grads_uncast[name]), name
+
+
+def test_dora_numbers_depend_on_its_fp32_inputs(tiny):
+    """Why DoRA keeps peft's casts: forced off, its bf16 loss moves."""
+    from peft.helpers import disable_input_dtype_casting
+
+    from neobench.models.precision import autocast
+
+    ids = torch.arange(3, 43).reshape(2, 20) % tiny["vocab"]
+    losses = []
+    for uncast in (False, True):
+        model = apply_adapter(load_causal_lm(str(tiny["student"]), torch.bfloat16, "cpu"), "dora", 4, 8.0, 0.0, "all-linear", 0)
+        guard = disable_input_dtype_casting(model) if uncast else contextlib.nullcontext()
+        with torch.no_grad(), autocast("cpu", torch.bfloat16), guard:
+            losses.append(model(input_ids=ids).logits.float().logsumexp(-1).mean())
+    assert not torch.equal(*losses)

@@ -26,11 +26,14 @@ class Variant:
     """Extra LoraConfig arguments."""
     rewrites_base: bool = False
     """Whether initialisation changes the frozen base weights (PiSSA keeps W - BA), so they must be saved too."""
+    fp32_inputs: bool = False
+    """Whether the adapter's numbers depend on peft casting its input to fp32 under bf16 autocast
+    (DoRA's magnitude scaling runs outside autocast, in the input's dtype)."""
 
 
 VARIANTS: Registry[Variant] = Registry("variant")
 VARIANTS.add("lora", Variant("LoRA: dW = (alpha/r) B A", {}))
-VARIANTS.add("dora", Variant("DoRA: weight-decomposed LoRA (magnitude x direction)", {"use_dora": True}))
+VARIANTS.add("dora", Variant("DoRA: weight-decomposed LoRA (magnitude x direction)", {"use_dora": True}, fp32_inputs=True))
 # The randomized SVD (4 subspace iterations) is what the PiSSA authors recommend for speed.
 VARIANTS.add("pissa", Variant("PiSSA: A, B from the top-r singular vectors of W", {"init_lora_weights": "pissa_niter_4"}, rewrites_base=True))
 VARIANTS.add("rslora", Variant("rsLoRA: scaling alpha/sqrt(r)", {"use_rslora": True}))

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -125,7 +126,7 @@ def offline_objective(cfg, ws, method, scorer, student_head_of, batch, picks, ca
     ``student_head_of()`` its output head, read after the forward (FSDP gathers it there).
     """
     mask, targets = next_token_targets(batch["labels"])
-    with autocast(ws.device, ws.dtype):
+    with autocast(ws.device, ws.dtype), adapter_inputs_uncast(scorer, ws.dtype, cfg.effective_variant()):
         hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     teacher = None
     if method.uses_teacher:
@@ -133,6 +134,23 @@ def offline_objective(cfg, ws, method, scorer, student_head_of, batch, picks, ca
     parts = fused_loss(hidden, student_head_of(), targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
     ws.release_teacher_shards()
     return {**parts, "tokens": int(mask.sum())}
+
+
+def adapter_inputs_uncast(model: torch.nn.Module, dtype: torch.dtype, variant: Optional[str]):
+    """Under bf16 autocast, leave the adapters' inputs in bf16.
+
+    peft casts a LoRA layer's input to its adapter's dtype (fp32) and autocast casts it straight
+    back to bf16 for the matmul: the same values, two copies of every adapter input and of its
+    gradient (6% of a neo step on 2 AMX-BF16 cores). Without the casts the numbers are bit for bit
+    the same (a test in tests/test_train.py pins it), except for DoRA, which keeps them.
+    """
+    from neobench.models.adapters import VARIANTS
+
+    if dtype == torch.float32 or variant is None or VARIANTS.get(variant).fp32_inputs:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 class Diverged(NeobenchError):
