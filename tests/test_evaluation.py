@@ -55,6 +55,15 @@ def test_bundled_tasks_run_through_lm_eval_and_produce_every_metric(tiny, tiny_s
     nll, ppl = got[("neo_heldout_nll", "nll")]["value"], got[("neo_heldout_nll", "perplexity")]["value"]
     assert ppl == pytest.approx(math.exp(nll), rel=1e-9)  # perplexity is exp(mean per-token NLL)
     assert got[("neo_pydoc_bpb", "bits_per_byte")]["value"] > 0
+    # Bits per byte of a held-out response is its NLL re-expressed: nll * tokens / (bytes * ln 2).
+    from neobench.evaluation.suite import heldout_pairs
+
+    pairs = heldout_pairs(str(tiny["data"]), "train")[:6]
+    nll_docs = result["per_doc"]["neo_heldout_nll"]["metrics"]["nll"]
+    bpb_docs = result["per_doc"]["neo_heldout_bpb"]["metrics"]["bits_per_byte"]
+    for pair, nll_doc, bpb_doc in zip(pairs, nll_docs, bpb_docs):
+        n_tokens = len(tokenizer(pair["response"], add_special_tokens=False)["input_ids"])
+        assert bpb_doc == pytest.approx(nll_doc * n_tokens / (len(pair["response"].encode()) * math.log(2)), rel=1e-9)
     assert 0 <= got[("neo_fidelity", "top1_agreement")]["value"] <= 1 and got[("neo_fidelity", "kl")]["value"] > 0
     assert result["lm_eval_version"] and result["spec"]["limit"] == 6
 

@@ -12,7 +12,7 @@ from neobench.training.fused_loss import LogitHead, LossSpec, TeacherHidden, che
 from neobench.training.losses import DIVERGENCES, TeacherLogProbs, distillation_loss
 
 N, H, H_T, V, V_PADDED = 23, 12, 20, 40, 44
-PARAMS = {"jsd": 0.3, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.2}
+PARAMS = {"jsd": 0.3, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.2, "akl": 0.5}
 TEACHERS = ("hidden", "dense", "topk", "topk_all")
 
 
@@ -120,11 +120,12 @@ def test_no_scored_token_gives_zero_with_a_gradient_path():
 @pytest.mark.parametrize("teacher_kind", ["hidden", "dense"])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_teacher_minus_inf_logits_give_exact_divergences(name, teacher_kind):
-    """0 log 0 = 0: a teacher that rules tokens out (-inf) gives finite divergences, except reverse KL."""
+    """0 log 0 = 0: a teacher that rules tokens out (-inf) gives finite divergences, except reverse KL
+    (and AKL, whose tail term is reverse KL)."""
     hidden, weight, b, targets, teacher, ref_teacher = make_case(torch.float64, teacher_kind, 1.0, neg_inf=True)
     spec = LossSpec(0.0, 1.0, name, 1.0, PARAMS.get(name, 0.0), chunk_tokens=5)
     out = fused_loss(hidden, LogitHead(weight, b, V), targets, teacher, spec, torch.float64)
-    if name == "reverse_kl":
+    if name in ("reverse_kl", "akl"):
         # The student puts mass everywhere, the teacher none on the first V/4 tokens: +inf by definition.
         assert out["kd_sum"].item() == math.inf
         return
@@ -146,6 +147,8 @@ def test_teacher_minus_inf_logits_give_exact_divergences(name, teacher_kind):
         "skew_forward_kl": lambda: kl(p_t, beta * p_t + (1 - beta) * p_s),
         "skew_reverse_kl": lambda: kl(p_s, beta * p_s + (1 - beta) * p_t),
         "tvd": lambda: 0.5 * (p_t - p_s).abs().sum(-1),
+        "uld": lambda: (p_s.sort(-1, descending=True).values - p_t.sort(-1, descending=True).values).abs().sum(-1),
+        "shared_vocab_kl": lambda: kl(p_t, p_s),  # one vocabulary: forward KL
     }[name]().sum()
     assert out["kd_sum"].item() == pytest.approx(expected.item(), rel=1e-9)
     (grad,) = torch.autograd.grad(out["loss"], hidden)

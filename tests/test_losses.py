@@ -102,7 +102,33 @@ HAND = {  # name -> (param, per-token formula on probability lists p_s, p_t)
     "skew_forward_kl": (0.1, lambda s, t: kl(t, mix(t, s, 0.1))),
     "skew_reverse_kl": (0.1, lambda s, t: kl(s, mix(s, t, 0.1))),
     "tvd": (0.0, lambda s, t: 0.5 * sum(abs(a - b) for a, b in zip(t, s))),
+    "akl": (0.5, lambda s, t: akl(s, t, 0.5)),
+    "uld": (0.0, lambda s, t: uld(s, t)),
+    # One vocabulary: every token is shared, so this is forward KL itself.
+    "shared_vocab_kl": (0.0, lambda s, t: kl(t, s)),
 }
+
+
+def akl(s, t, mu):
+    """Wu et al.'s AKL from its definition, in Python floats (float64)."""
+    order = sorted(range(len(t)), key=lambda i: -t[i])
+    head_gap = tail_gap = cumulative = 0.0
+    for rank, i in enumerate(order):
+        cumulative += t[i]
+        if rank == 0 or cumulative <= mu:
+            head_gap += abs(t[i] - s[i])
+        else:
+            tail_gap += abs(t[i] - s[i])
+    w_head = head_gap / (head_gap + tail_gap)
+    return w_head * kl(t, s) + (1 - w_head) * kl(s, t)
+
+
+def uld(s, t):
+    """Boizard et al.'s ULD from its definition: both sorted, the shorter padded with zeros, L1."""
+    width = max(len(s), len(t))
+    s_sorted = sorted(s, reverse=True) + [0.0] * (width - len(s))
+    t_sorted = sorted(t, reverse=True) + [0.0] * (width - len(t))
+    return sum(abs(a - b) for a, b in zip(s_sorted, t_sorted))
 
 
 def test_every_registered_divergence_has_a_hand_computation():
@@ -160,7 +186,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(name):
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(HAND))
+@pytest.mark.parametrize("name", sorted(set(HAND) - {"akl"}))  # AKL's weights are constants: see below
 def test_divergence_gradients_pass_gradcheck(name):
     torch.manual_seed(4)
     s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -207,3 +233,47 @@ def test_top_k_of_a_peaked_teacher_approximates_dense():
     values, ids = log_t.topk(10, -1)
     sparse = TeacherLogProbs(values, ids.int(), 1 - values.exp().sum(-1))
     assert distillation_loss("forward_kl", s, sparse).item() == pytest.approx(distillation_loss("forward_kl", s, t).item(), rel=0.05)
+
+
+def test_akl_gradient_is_its_weighted_kls_with_the_weights_held():
+    """AKL's head/tail weights carry no gradient (as the authors detach them): its gradient is
+    w_head * d FKL + w_tail * d RKL at this point's weights."""
+    torch.manual_seed(6)
+    s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    log_t = torch.log_softmax(t, -1)
+    x = s.clone().requires_grad_(True)
+    DIVERGENCES.get("akl").per_token(torch.log_softmax(x, -1), log_t, 0.5).sum().backward()
+    probs_s, probs_t = torch.softmax(s, -1).tolist(), torch.softmax(t, -1).tolist()
+    expected = torch.zeros_like(s)
+    for row in range(4):
+        full = akl(probs_s[row], probs_t[row], 0.5)
+        fkl, rkl = kl(probs_t[row], probs_s[row]), kl(probs_s[row], probs_t[row])
+        w_head = (full - rkl) / (fkl - rkl)
+        y = s[row].clone().requires_grad_(True)
+        log_y = torch.log_softmax(y, -1)
+        (w_head * (log_t[row].exp() * (log_t[row] - log_y)).sum() + (1 - w_head) * (log_y.exp() * (log_y - log_t[row])).sum()).backward()
+        expected[row] = y.grad
+    assert torch.allclose(x.grad, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("mu", [0.1, 0.5, 0.9])
+def test_akl_matches_its_definition_for_every_head_size(mu):
+    torch.manual_seed(7)
+    s, t = torch.randn(5, 12, dtype=torch.float64) * 2, torch.randn(5, 12, dtype=torch.float64) * 2
+    got = DIVERGENCES.get("akl").per_token(torch.log_softmax(s, -1), torch.log_softmax(t, -1), mu)
+    expected = [akl(a, b, mu) for a, b in zip(torch.softmax(s, -1).tolist(), torch.softmax(t, -1).tolist())]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("sizes", [(7, 12), (12, 7), (9, 9)])
+def test_uld_across_vocabularies_of_any_sizes(sizes):
+    """ULD needs no shared vocabulary: a [N, V_s] student and a [N, V_t] teacher, either larger."""
+    torch.manual_seed(8)
+    s, t = torch.randn(4, sizes[0], dtype=torch.float64), torch.randn(4, sizes[1], dtype=torch.float64)
+    got = DIVERGENCES.get("uld").per_token(torch.log_softmax(s, -1), torch.log_softmax(t, -1), 0.0)
+    expected = [uld(a, b) for a, b in zip(torch.softmax(s, -1).tolist(), torch.softmax(t, -1).tolist())]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    # A permutation of the teacher's vocabulary changes nothing: only the sorted values count.
+    perm = torch.randperm(sizes[1])
+    again = DIVERGENCES.get("uld").per_token(torch.log_softmax(s, -1), torch.log_softmax(t[:, perm], -1), 0.0)
+    assert torch.allclose(got, again, atol=1e-14)

@@ -57,6 +57,13 @@ class DataReport:
 class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    # Cross-vocabulary runs only (a teacher with another tokenizer; see neobench.data.alignment):
+    teacher_input_ids: tuple[int, ...] = ()
+    """The same text in the teacher's tokens (cut after the last one an aligned position needs)."""
+    aligned_positions: tuple[int, ...] = ()
+    """Student positions (whose next token is a response token) the teacher is compared at."""
+    teacher_positions: tuple[int, ...] = ()
+    """For each aligned student position, the teacher position that predicts from the same text."""
 
 
 @dataclass
@@ -64,7 +71,14 @@ class TokenizedData:
     examples: list[Example]
     report: DataReport
     data_hash: str
-    """sha256 over the token ids and labels of the used examples, in order, and seq_len."""
+    """sha256 over the token ids and labels of the used examples, in order, and seq_len
+    (and, across two tokenizers, the teacher's ids and the alignment)."""
+    examples_hash: Optional[str] = None
+    """sha256 over the used rows' chat-formatted texts, in order (and seq_len): the same for any
+    tokenizer, so runs of students with different vocabularies can show they saw the same examples."""
+    aligned_tokens: Optional[int] = None
+    """Cross-vocabulary runs: response tokens the teacher is compared at (of ``scored_tokens``)."""
+    scored_tokens: Optional[int] = None
 
 
 # --- loading rows ------------------------------------------------------------------------
@@ -211,12 +225,13 @@ def is_empty(messages: list[dict[str, str]]) -> bool:
 # --- messages -> tokens -----------------------------------------------------------------
 
 
-def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[dict[str, str]], with_text: bool = False):
     """Token ids of the chat-templated conversation and labels that keep only assistant tokens.
 
     Each assistant turn spans from the end of the template rendered up to its generation prompt
     to the end of its own rendering (its end-of-turn token included, so the student learns to
     stop). Character spans are mapped to tokens through the tokenizer's offsets.
+    ``with_text``: also the rendered text and each token's character span (for alignment).
     """
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -234,19 +249,36 @@ def encode_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], l
         tok if any(start <= s < end for start, end in spans) else IGNORE_INDEX
         for tok, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])
     ]
+    if with_text:
+        return list(enc["input_ids"]), labels, full, [tuple(o) for o in enc["offset_mapping"]]
     return list(enc["input_ids"]), labels
 
 
-def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str) -> TokenizedData:
+def with_teacher_tokens(example: Example, text: str, offsets: list, teacher_tokenizer, seq_len: int) -> Example:
+    """``example`` plus the same text in the teacher's tokens and the positions where both compare."""
+    from neobench.data.alignment import align_positions
+
+    enc = teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    teacher_ids, teacher_offsets = enc["input_ids"][:seq_len], [tuple(o) for o in enc["offset_mapping"][:seq_len]]
+    scored = [p for p in range(len(example.labels) - 1) if example.labels[p + 1] != IGNORE_INDEX]
+    student_positions, teacher_positions = align_positions(offsets[: len(example.input_ids)], teacher_offsets, scored)
+    keep = teacher_positions[-1] + 1 if teacher_positions else 1  # the teacher reads no further than it is asked
+    return Example(example.input_ids, example.labels, tuple(teacher_ids[:keep]), tuple(student_positions), tuple(teacher_positions))
+
+
+def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str, teacher_tokenizer=None) -> TokenizedData:
+    """Examples of the usable rows; with ``teacher_tokenizer`` (another vocabulary than ``tokenizer``'s),
+    each also carries the teacher's tokens of the same text and the aligned positions."""
     report = DataReport(source=source, rows=len(rows))
     examples = []
+    texts = hashlib.sha256(f"seq_len={seq_len}".encode())
     for row in rows:
         try:
             messages = to_messages(row)
             if is_empty(messages):
                 report.drop("empty")
                 continue
-            input_ids, labels = encode_chat(tokenizer, messages)
+            input_ids, labels, text, offsets = encode_chat(tokenizer, messages, with_text=True)
         except MalformedRow:
             report.drop("malformed")
             continue
@@ -257,7 +289,11 @@ def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str) -> Toke
                 report.drop("no_response_after_truncation")
                 continue
             report.truncated += 1
-        examples.append(Example(tuple(input_ids), tuple(labels)))
+        example = Example(tuple(input_ids), tuple(labels))
+        texts.update(hashlib.sha256(text.encode()).digest())
+        if teacher_tokenizer is not None:
+            example = with_teacher_tokens(example, text, offsets, teacher_tokenizer, seq_len)
+        examples.append(example)
     report.used = len(examples)
     if not examples:
         raise NeobenchError(f"no usable rows in {source}: {report.summary()}; check the row format (see `neobench run --help`)")
@@ -265,12 +301,21 @@ def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str) -> Toke
     for ex in examples:
         digest.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
-    return TokenizedData(examples, report, digest.hexdigest())
+        if teacher_tokenizer is not None:  # same-vocabulary hashes stay what they were
+            for part in (ex.teacher_input_ids, ex.aligned_positions, ex.teacher_positions):
+                digest.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+    data = TokenizedData(examples, report, digest.hexdigest(), texts.hexdigest())
+    if teacher_tokenizer is not None:
+        data.aligned_tokens = sum(len(ex.aligned_positions) for ex in examples)
+        data.scored_tokens = sum(sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples)
+    return data
 
 
-def load_training_data(tokenizer, spec: str, split: str, seq_len: int, max_examples: Optional[int]) -> TokenizedData:
+def load_training_data(
+    tokenizer, spec: str, split: str, seq_len: int, max_examples: Optional[int], teacher_tokenizer=None,
+) -> TokenizedData:
     rows = load_rows(spec, split, max_examples)
-    return tokenize_rows(tokenizer, rows, seq_len, f"{spec}[{split}]")
+    return tokenize_rows(tokenizer, rows, seq_len, f"{spec}[{split}]", teacher_tokenizer)
 
 
 # --- batches ------------------------------------------------------------------------------
@@ -288,8 +333,12 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, all [B, T]."""
+def collate(examples: list[Example], pad_id: int, teacher_pad_id: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, all [B, T].
+
+    Examples with teacher tokens (cross-vocabulary) add teacher_input_ids, teacher_attention_mask
+    and teacher_scored [B, T_t] (the teacher positions compared, padded with ``teacher_pad_id``)
+    and kd_aligned [B, T] (the student positions they are compared with)."""
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -299,4 +348,16 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if examples[0].teacher_input_ids:
+        t_width = max(len(ex.teacher_input_ids) for ex in examples)
+        batch["teacher_input_ids"] = torch.full((len(examples), t_width), teacher_pad_id, dtype=torch.long)
+        batch["teacher_attention_mask"] = torch.zeros((len(examples), t_width), dtype=torch.long)
+        batch["teacher_scored"] = torch.zeros((len(examples), t_width), dtype=torch.bool)
+        batch["kd_aligned"] = torch.zeros((len(examples), width), dtype=torch.bool)
+        for i, ex in enumerate(examples):
+            batch["teacher_input_ids"][i, : len(ex.teacher_input_ids)] = torch.tensor(ex.teacher_input_ids)
+            batch["teacher_attention_mask"][i, : len(ex.teacher_input_ids)] = 1
+            batch["teacher_scored"][i, list(ex.teacher_positions)] = True
+            batch["kd_aligned"][i, list(ex.aligned_positions)] = True
+    return batch

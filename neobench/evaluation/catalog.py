@@ -43,6 +43,9 @@ TASKS.add("neo_heldout_match", SuiteTask("pick a held-out prompt's response amon
 TASKS.add("neo_heldout_rougeL", SuiteTask("the student's greedy answer to a held-out prompt vs the teacher's: ROUGE-L F x100", ("rougeL", "response_tokens", "at_cap"), True))
 TASKS.add("neo_pydoc_bpb", SuiteTask("bits per byte on 32 windows of the stdlib's pydoc_data.topics", ("bits_per_byte",), True))
 TASKS.add(FIDELITY, SuiteTask("KL(teacher||student) per response token and top-1 agreement", ("kl", "top1_agreement"), False))
+TASKS.add("neo_heldout_bpb", SuiteTask(
+    "neo_heldout_nll as bits per UTF-8 byte of the response: compares students with different tokenizers",
+    ("bits_per_byte",), True, in_suite=False))
 TASKS.add("neo_heldout_rougeL_sampled", SuiteTask(
     "neo_heldout_rougeL under the MiniLLM protocol: 3 samples at T=1, top-p 1, <=256 tokens, averaged",
     ("rougeL", "response_tokens", "at_cap"), True, in_suite=False))
@@ -52,7 +55,7 @@ SUITE = tuple(name for name in TASKS if TASKS.get(name).in_suite)
 SHORT_NAMES = {
     ("neo_heldout_nll", "nll"): "NLL", ("neo_heldout_nll", "perplexity"): "PPL",
     ("neo_heldout_match", "acc"): "match", ("neo_heldout_match", "acc_norm"): "m_norm",
-    ("neo_pydoc_bpb", "bits_per_byte"): "pydoc", ("neo_heldout_rougeL", "rougeL"): "ROUGE-L",
+    ("neo_pydoc_bpb", "bits_per_byte"): "pydoc", ("neo_heldout_bpb", "bits_per_byte"): "BPB", ("neo_heldout_rougeL", "rougeL"): "ROUGE-L",
     ("neo_heldout_rougeL", "response_tokens"): "len", ("neo_heldout_rougeL", "at_cap"): "at cap", (FIDELITY, "kl"): "KL", (FIDELITY, "top1_agreement"): "top-1",
 }
 

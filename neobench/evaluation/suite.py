@@ -5,6 +5,9 @@
 | neo_heldout_nll   | log-likelihood of each held-out teacher response given its prompt      | nll, perplexity    |
 | neo_heldout_match | the true response to a held-out prompt among four; the three          | acc, acc_norm      |
 |                   | distractors are responses to other held-out prompts (fixed seed)       |                    |
+| neo_heldout_bpb   | the same log-likelihood as bits per UTF-8 byte of the response: the    | bits_per_byte      |
+|                   | unit that compares students with different tokenizers (not in the     |                    |
+|                   | suite; the smol-cpu-xvocab preset scores it)                           |                    |
 | neo_pydoc_bpb     | bits per byte on fixed windows of the standard library's              | bits_per_byte      |
 |                   | ``pydoc_data.topics`` (human-written Python documentation)              |                    |
 | neo_heldout_rougeL| the student's own answer to each held-out prompt (greedy, <= 128 new   | rougeL,            |
@@ -199,6 +202,17 @@ def process_heldout_nll(doc: dict, results: list) -> dict[str, float]:
     per_token = loglikelihood / max(1, doc["response_tokens"])
     # lm-eval's `perplexity` aggregation is exp(-mean(items)): exp of the mean NLL.
     return {"nll": -per_token, "perplexity": per_token}
+
+
+def process_heldout_bpb(doc: dict, results: list) -> dict[str, float]:
+    """results: [(log-likelihood of the response, is_greedy)] -> bits per UTF-8 byte of this response."""
+    loglikelihood, _ = results[0]
+    return {"bits_per_byte": -loglikelihood / (max(1, len(doc["response"].encode("utf-8"))) * math.log(2))}
+
+
+def load_heldout_bpb(**options: Any):
+    """Dataset of {prompt, response}: the held-out pairs, nothing counted by a tokenizer."""
+    return _dataset(list(_heldout(options)))
 
 
 def process_pydoc_bpb(doc: dict, results: list) -> dict[str, float]:

@@ -97,6 +97,8 @@ class RunConfig:
     """beta of --loss jsd: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s; 0 = forward KL, 1 = reverse KL."""
     skew_alpha: float = 0.1
     """alpha of --loss skew_forward_kl / skew_reverse_kl (DistiLLM's default 0.1); 0 = plain KL."""
+    akl_mu: float = 0.5
+    """mu of --loss akl: the teacher's head is its most likely tokens up to this cumulative probability (the authors' 0.5)."""
     teacher_cache: str = "off"
     """Teacher outputs cached across runs: off, dense (fp16 log-probs) or topk:K (K largest + remaining mass)."""
     minillm_max_new_tokens: int = 64
@@ -296,6 +298,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("temperature", cfg.temperature > 0, "positive"),
         ("jsd_beta", 0 <= cfg.jsd_beta <= 1, "in [0, 1]"),
         ("skew_alpha", 0 <= cfg.skew_alpha < 1, "in [0, 1)"),
+        ("akl_mu", 0 < cfg.akl_mu < 1, "in (0, 1)"),
         ("loss_chunk_tokens", cfg.loss_chunk_tokens >= 0, "0 (one chunk) or more"),
         ("minillm_max_new_tokens", cfg.minillm_max_new_tokens >= 1, "at least 1"),
         ("minillm_temperature", cfg.minillm_temperature > 0, "positive"),

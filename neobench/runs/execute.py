@@ -297,7 +297,7 @@ def fill_teacher_caches(cfgs: list[RunConfig], ws, nproc: int = 1) -> None:
         keys.setdefault((cfg.teacher_cache, cfg.temperature), set()).update(read)
     for (mode, temperature), indices in sorted(keys.items()):
         cache = TeacherCache.for_run(CacheMode.parse(mode), ws.teacher_path, ws.data.data_hash, cfgs[0].seq_len, temperature,
-                                     ws.vocab_size, ws.dtype)
+                                     ws.teacher_vocab, ws.dtype, ws.tokenizer_fingerprints)
         ran = fill(cache, ws, sorted(indices))
         if ran:
             console.print(f"teacher cache ({mode}): the teacher ran on {ran} examples; every run reads them from {cache.root}",

@@ -77,9 +77,11 @@ def export_run(run: str, runs_dir: str, out: Path, merged: bool = False) -> dict
 def base_reference(cfg: RunConfig, ws) -> str:
     """How the export names its base student: the hub id, or the base_model/ directory it ships."""
     from neobench.training.prune import parse_pruned_spec
+    from neobench.training.revocab import parse_student_spec
 
     local = Path(cfg.student).expanduser()
-    if parse_pruned_spec(cfg.student) is None and not local.exists() and Path(ws.student_path) == Path(cfg.student):
+    base, own_vocabulary = parse_student_spec(cfg.student)
+    if own_vocabulary is None and parse_pruned_spec(base) is None and not local.exists() and Path(ws.student_path) == Path(cfg.student):
         return cfg.student  # a hub id: anyone can fetch it
     return BASE_DIR
 

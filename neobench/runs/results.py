@@ -31,7 +31,7 @@ REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {
     "study", "trial", "strategy", "save_every"}
 # Fields added after runs were stored: left out of the key at their default, so those runs keep theirs.
-KEY_ONLY_IF_NOT = {"optimizer": "adamw", "lr_scale": 1.0}
+KEY_ONLY_IF_NOT = {"optimizer": "adamw", "lr_scale": 1.0, "akl_mu": 0.5}
 
 
 def config_key(config: dict[str, Any], device: str, dtype: str, world_size: int = 1) -> str:

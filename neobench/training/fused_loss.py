@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from neobench.core.errors import NeobenchError
+from neobench.data.alignment import restrict_to_shared
 from neobench.training.losses import DIVERGENCES, TeacherLogProbs, over_teacher_outcomes
 
 DEFAULT_CHUNK_TOKENS = 256
@@ -141,13 +142,21 @@ def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class TeacherHidden:
-    """The teacher as its hidden states at the scored positions [N, H_t] and its head (no gradient)."""
+    """The teacher as its hidden states at the scored positions [N, H_t] and its head (no gradient).
+
+    Across two vocabularies (neobench.data.alignment): ``aligned`` [N] marks the student rows the
+    teacher is compared at (the others hold zeros and get no distillation term), and ``pairing``
+    says which tokens the two vocabularies share (for losses over the shared tokens).
+    """
 
     hidden: torch.Tensor
     head: LogitHead
+    aligned: Optional[torch.Tensor] = None
+    pairing: Optional[object] = None
+    """A neobench.data.alignment.VocabPairing, or None."""
 
     def __getitem__(self, rows: slice) -> "TeacherHidden":
-        return TeacherHidden(self.hidden[rows], self.head)
+        return TeacherHidden(self.hidden[rows], self.head, None if self.aligned is None else self.aligned[rows], self.pairing)
 
 
 @dataclass(frozen=True)
@@ -179,12 +188,20 @@ def chunk_terms(
         return ce, log_s1.new_zeros(())
     temperature = spec.temperature
     log_s = log_s1 if temperature == 1.0 else F.log_softmax(student_head.transform(raw_student) / temperature, dim=-1)
+    aligned, pairing = None, None
     if isinstance(teacher, TeacherHidden):
+        aligned, pairing = teacher.aligned, teacher.pairing
         with torch.no_grad():
             z_t = teacher.head.transform(project(teacher.hidden, teacher.head, compute_dtype))
             teacher = TeacherLogProbs(F.log_softmax(z_t if temperature == 1.0 else z_t / temperature, dim=-1))
     log_s, log_t = over_teacher_outcomes(log_s, teacher)
-    kd = DIVERGENCES.get(spec.divergence).per_token(log_s, log_t, spec.param).sum() * temperature**2
+    divergence = DIVERGENCES.get(spec.divergence)
+    if divergence.outcomes == "shared":
+        log_s, log_t = restrict_to_shared(log_s, log_t, pairing)
+    per_token = divergence.per_token(log_s, log_t, spec.param)
+    if aligned is not None:  # rows without a teacher position: no term (and no gradient)
+        per_token = torch.where(aligned, per_token, 0.0)
+    kd = per_token.sum() * temperature**2
     return ce, kd
 
 
@@ -192,6 +209,8 @@ def has_closed_form(student_head: LogitHead, teacher, spec: LossSpec) -> bool:
     """Whether :func:`closed_form_terms` applies: CE alone, or CE + forward KL against a dense teacher,
     on a head without logit scaling or soft-capping. Everything else takes the autograd path."""
     plain_head = student_head.scale == 1.0 and student_head.softcap is None
+    if isinstance(teacher, TeacherHidden) and teacher.aligned is not None:
+        return False  # two vocabularies: the autograd path, with its alignment mask
     dense = teacher is None or not spec.kd_weight or isinstance(teacher, TeacherHidden) or teacher.ids is None
     return plain_head and dense and (teacher is None or not spec.kd_weight or spec.divergence == "forward_kl")
 

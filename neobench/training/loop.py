@@ -106,7 +106,10 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     counts["hits"] += len(picks) - len(missing)
     counts["misses"] += len(missing)
     if cache.holds_hidden:
-        return TeacherHidden(torch.cat(entries).to(ws.device), head)
+        hidden = torch.cat(entries).to(ws.device)
+        if ws.cross_vocabulary:  # rows at the student's positions, zeros where no teacher position aligns
+            return TeacherHidden(hidden, head, batch["kd_aligned"][mask], ws.pairing)
+        return TeacherHidden(hidden, head)
     merged = concat(entries)
     return type(merged)(*(None if x is None else x.to(ws.device) for x in (merged.log_probs, merged.ids, merged.rest)))
 
@@ -242,8 +245,8 @@ def train(
         from neobench.training.teacher_cache import CacheMode, TeacherCache
 
         cache = TeacherCache.for_run(
-            CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.vocab_size,
-            ws.dtype,
+            CacheMode.parse(cfg.teacher_cache), ws.teacher_path, ws.data.data_hash, cfg.seq_len, cfg.temperature, ws.teacher_vocab,
+            ws.dtype, ws.tokenizer_fingerprints,
         )
     # With a cache, the teacher is loaded only if some example of the run is not cached yet.
     # minillm always needs it: the sequences it distils on are sampled fresh at every step.
@@ -290,7 +293,7 @@ def train(
             step_micro = group_by_length(order[step * per_step : (step + 1) * per_step], lengths, cfg.batch_size)
             # Micro-batch j of the step goes to rank j % world: every world size sees the same micro-batches.
             micro_picks = step_micro[world.rank :: world.size]
-            micro_batches = [collate([ws.data.examples[i] for i in mp], pad_id) for mp in micro_picks]
+            micro_batches = [collate([ws.data.examples[i] for i in mp], pad_id, ws.teacher_pad_id) for mp in micro_picks]
             # Every loss term is summed over tokens and divided by the global batch's response-token
             # count, so the accumulated gradient is the token mean over the whole step (1x8 == 8x1 == 2 ranks x 4).
             local_targets = sum(int(next_token_targets(b["labels"])[0].sum()) for b in micro_batches)
@@ -378,6 +381,7 @@ def train(
             "world_size": world.size, "global_batch": per_step,
             "seq_len": cfg.seq_len, "examples_seen": steps_done * per_step, "tokens": counters["tokens"],
             "response_tokens": counters["response_tokens"], "data_hash": ws.data.data_hash, "stopped_by": stopped_by,
+            "examples_hash": ws.data.examples_hash,
         },
         "cost": {
             "train_seconds": wall, "seconds_per_step": wall / max(1, len(log)),
@@ -398,7 +402,9 @@ def train(
             "ce_last5_mean": sum(r["ce"] for r in last) / len(last),
             "kd_last5_mean": sum(r["kd"] for r in last) / len(last),
         },
-        "data": {"report": ws.data.report.__dict__, "data_hash": ws.data.data_hash},
+        "data": {"report": ws.data.report.__dict__, "data_hash": ws.data.data_hash,
+                 # Across two vocabularies: the response tokens the teacher is compared at, of all scored.
+                 **({"aligned_tokens": ws.data.aligned_tokens, "scored_tokens": ws.data.scored_tokens} if ws.cross_vocabulary else {})},
         "lr": cfg.effective_lr(),
         "pid": os.getpid(),
     }

@@ -106,13 +106,63 @@ def tvd_tokens(log_s: torch.Tensor, log_t: torch.Tensor, param: float = 0.0) -> 
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
 
 
+def adaptive_kl_tokens(log_s: torch.Tensor, log_t: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+    """AKL (Wu et al., COLING 2025): forward and reverse KL weighted by where the student is off.
+
+    The teacher's vocabulary, sorted by its probability, splits into a head (the most likely
+    tokens while their cumulative probability is <= mu; the top token always) and the tail (the
+    rest, the crossing token included, as in the authors' code, wutaiqiang/LLM_KD_AKL).
+    g_head, g_tail = sum |p_t - p_s| over each part, and
+
+        AKL = g_head / (g_head + g_tail) * KL(p_t || p_s) + g_tail / (g_head + g_tail) * KL(p_s || p_t)
+
+    Forward KL fixes the head and reverse KL the tail, each in proportion to its gap. The weights
+    carry no gradient (the authors detach them). Equal distributions (no gap) give 0.
+    """
+    with torch.no_grad():
+        p_t_sorted, order = log_t.exp().sort(dim=-1, descending=True)
+        gap = (p_t_sorted - log_s.exp().gather(-1, order)).abs()
+        head = p_t_sorted.cumsum(-1) <= mu
+        head[..., 0] = True
+        g_head = torch.where(head, gap, 0.0).sum(-1)
+        total = gap.sum(-1)
+        w_head = torch.where(total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5)
+    return w_head * _kl(log_t, log_s) + (1 - w_head) * _kl(log_s, log_t)
+
+
+def uld_tokens(log_s: torch.Tensor, log_t: torch.Tensor, param: float = 0.0) -> torch.Tensor:
+    """ULD (Boizard et al., 2024): the Wasserstein-1 distance between the two next-token
+    distributions with each sorted by probability, the smaller vocabulary padded with zeros:
+    sum_i |p_s(i) - p_t(i)| over the i-th most likely token of each side. [N, V_s], [N, V_t] -> [N].
+
+    It compares how confident the two models are, not which tokens they pick, so it needs no
+    vocabulary mapping (the two sides may have different vocabularies and sizes).
+    """
+    p_s = log_s.exp().sort(dim=-1, descending=True).values
+    p_t = log_t.exp().sort(dim=-1, descending=True).values
+    common = min(p_s.shape[-1], p_t.shape[-1])
+    longer = p_s if p_s.shape[-1] > common else p_t
+    # Past the smaller vocabulary the padded side is 0: |p - 0| = p.
+    return (p_s[..., :common] - p_t[..., :common]).abs().sum(-1) + longer[..., common:].sum(-1)
+
+
 @dataclass(frozen=True)
 class Divergence:
     per_token: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-    """(log p_s [N, V], log p_t [N, V], param) -> [N]."""
+    """(log p_s [N, V_s], log p_t [N, V_t], param) -> [N]; V_s == V_t unless ``outcomes`` says otherwise."""
     description: str
     param: Optional[str] = None
     """Name of the config field holding this divergence's parameter (jsd_beta, skew_alpha), if any."""
+    outcomes: str = "vocabulary"
+    """What the two distributions must share:
+    "vocabulary": one vocabulary (teacher and student tokenizers alike);
+    "any": none (ULD compares sorted probabilities; any two vocabularies);
+    "shared": computed over the tokens both vocabularies spell alike, each side renormalised there
+    (neobench.training.vocab_pairing); with one vocabulary that is all of it."""
+
+    @property
+    def cross_vocabulary(self) -> bool:
+        return self.outcomes != "vocabulary"
 
 
 DIVERGENCES: Registry[Divergence] = Registry("loss")
@@ -122,6 +172,12 @@ DIVERGENCES.add("jsd", Divergence(jsd_tokens, "generalized Jensen-Shannon with j
 DIVERGENCES.add("skew_forward_kl", Divergence(skew_forward_kl_tokens, "KL(t || a t + (1-a) s) with skew_alpha (DistiLLM)", "skew_alpha"))
 DIVERGENCES.add("skew_reverse_kl", Divergence(skew_reverse_kl_tokens, "KL(s || a s + (1-a) t) with skew_alpha (DistiLLM)", "skew_alpha"))
 DIVERGENCES.add("tvd", Divergence(tvd_tokens, "total variation distance, (1/2) sum |t - s|"))
+DIVERGENCES.add("akl", Divergence(adaptive_kl_tokens, "adaptive KL: FKL and RKL weighted by head/tail gaps, head up to akl_mu (Wu et al.)", "akl_mu"))
+DIVERGENCES.add("uld", Divergence(uld_tokens, "ULD: W1 between sorted distributions; any two vocabularies (Boizard et al.)", outcomes="any"))
+DIVERGENCES.add("shared_vocab_kl", Divergence(
+    forward_kl_tokens, "KL(t || s) over the tokens both vocabularies spell alike, renormalised there", outcomes="shared"))
+CROSS_VOCABULARY = tuple(name for name in DIVERGENCES if DIVERGENCES.get(name).cross_vocabulary)
+"""The losses that distil across two tokenizers."""
 
 DEFAULT_CHUNK_TOKENS = 1024
 MIN_MASS = 1e-12

@@ -53,8 +53,17 @@ class CacheMode:
         return f"topk:{self.k}" if self.kind == "topk" else self.kind
 
 
-def example_digest(input_ids: tuple[int, ...], labels: tuple[int, ...]) -> str:
-    return hashlib.sha256(json.dumps([input_ids, labels]).encode()).hexdigest()
+def example_digest(input_ids: tuple[int, ...], labels: tuple[int, ...], *teacher_side: tuple[int, ...]) -> str:
+    return hashlib.sha256(json.dumps([input_ids, labels, *teacher_side]).encode()).hexdigest()
+
+
+def digest_of(example) -> str:
+    """What a cache entry was made for: the example's tokens (and, across two vocabularies, the
+    teacher's tokens and the alignment)."""
+    if not example.teacher_input_ids:
+        return example_digest(example.input_ids, example.labels)
+    return example_digest(example.input_ids, example.labels, example.teacher_input_ids, example.aligned_positions,
+                          example.teacher_positions)
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -77,10 +86,11 @@ class TeacherCache:
     @classmethod
     def for_run(
         cls, mode: CacheMode, teacher_path: str, data_hash: str, seq_len: int, temperature: float, vocab_size: int,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Optional[torch.dtype] = None, tokenizers: tuple[str, ...] = (),
     ) -> "TeacherCache":
         """The cache of one teacher and data set. Hidden states depend on the compute dtype (``dtype``),
-        not on the temperature; log-probabilities the other way round."""
+        not on the temperature; log-probabilities the other way round. ``tokenizers``: the two
+        tokenizers' fingerprints of a cross-vocabulary run (the alignment depends on both)."""
         from neobench.models.loading import cache_dir, model_fingerprint
 
         if mode.kind == "hidden":
@@ -89,6 +99,8 @@ class TeacherCache:
             parts = [model_fingerprint(teacher_path), data_hash, seq_len, str(mode), vocab_size, str(dtype)]
         else:
             parts = [model_fingerprint(teacher_path), data_hash, seq_len, temperature, str(mode), vocab_size]
+        if tokenizers:
+            parts.append(list(tokenizers))
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
         return cls(cache_dir() / "teacher-logits" / key, mode, temperature, vocab_size)
 
@@ -113,7 +125,7 @@ class TeacherCache:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError):
             meta, tensors = {}, {}
-        made_for = example is None or meta.get("example") == example_digest(example.input_ids, example.labels)
+        made_for = example is None or meta.get("example") == digest_of(example)
         if meta.get("sha256") != _tensor_digest(tensors) or not made_for:
             path.unlink(missing_ok=True)
             self.rebuilt += 1
@@ -146,7 +158,7 @@ class TeacherCache:
         if hidden.shape[0] != int(mask.sum()):
             raise ValueError(f"example {index} has {int(mask.sum())} scored positions, got {hidden.shape[0]} rows")
         tensors = {"hidden": hidden.detach().cpu().contiguous()}
-        self._write(self._path(index).name, tensors, {"example": example_digest(example.input_ids, example.labels)})
+        self._write(self._path(index).name, tensors, {"example": digest_of(example)})
         return tensors["hidden"]
 
     HEAD_FILE = "head.safetensors"
@@ -193,7 +205,7 @@ class TeacherCache:
         else:
             values, ids = log_probs.topk(min(self.mode.k, self.vocab_size), dim=-1)
             tensors = {"log_probs": values.half(), "ids": ids.int(), "rest": (1 - values.exp().sum(-1)).clamp_min(0)}
-        self._write(self._path(index).name, tensors, {"example": example_digest(example.input_ids, example.labels)})
+        self._write(self._path(index).name, tensors, {"example": digest_of(example)})
         return TeacherLogProbs(tensors["log_probs"], tensors.get("ids"), tensors.get("rest"))
 
 
@@ -247,7 +259,8 @@ def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
             if STOP.requested:
                 break
             picks = missing[start : start + FILL_BATCH]
-            batch = {k: v.to(ws.device) for k, v in collate([examples[i] for i in picks], ws.tokenizer.pad_token_id).items()}
+            batch = collate([examples[i] for i in picks], ws.tokenizer.pad_token_id, ws.teacher_pad_id)
+            batch = {k: v.to(ws.device) for k, v in batch.items()}
             mask, _ = next_token_targets(batch["labels"])
             teacher = ws.teacher_hidden(batch, mask)
             for i, rows in zip(picks, torch.split(teacher.hidden, mask.sum(1).tolist())):

@@ -5,10 +5,12 @@ file by path, so it only re-exports.
 """
 
 from neobench.evaluation.suite import (  # noqa: F401
+    load_heldout_bpb,
     load_heldout_match,
     load_heldout_nll,
     load_heldout_rouge,
     load_pydoc_windows,
+    process_heldout_bpb,
     process_heldout_nll,
     process_heldout_rouge_greedy,
     process_heldout_rouge_sampled,
