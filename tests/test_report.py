@@ -467,3 +467,50 @@ def test_main_tables_show_the_presets_budget_and_other_budgets_only_in_curves(tm
     assert [b.steps for b in report.budgets.budgets["paper"]] == [own, other]
     reasons = dict(report.left_out)
     assert any(f"budget {other * 2} steps: the tables show the preset's {own}" in why for why in reasons.values())
+
+
+def make_student_run(root: Path, method: str, student: str, bpb: list[float], stamp: str, examples_hash: str = "e1") -> str:
+    """A run of ``student`` (a spec) scored on neo_heldout_bpb per document, as a cross-vocabulary board holds."""
+    variant = "lora" if method in ("lora", "neo") else None
+    own_vocabulary = "+bpe:" in student
+    run_id = make_run(root, method, variant, 0, 0.0, data_hash="d-x" if own_vocabulary else "d-1", stamp=stamp)
+    run = root / run_id
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "student": student}))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["budget"]["examples_hash"] = examples_hash
+    if method in ("kd", "neo") and own_vocabulary:
+        metrics["loss"] = "uld"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    stored = json.loads((run / "evaluations" / "abc.json").read_text())
+    row = {"task": "neo_heldout_bpb", "metric": "bits_per_byte", "value": sum(bpb) / len(bpb), "stderr": 0.01,
+           "higher_is_better": False, "n_docs": len(bpb), "limit": None, "num_fewshot": 0, "task_hash": "hash-bpb", "evaluator": "test"}
+    stored["evaluations"][0]["rows"].append(row)
+    stored["evaluations"][0]["per_doc"] = {"neo_heldout_bpb": {"docs": [f"doc{i}" for i in range(len(bpb))], "metrics": {"bits_per_byte": bpb}}}
+    (run / "evaluations" / "abc.json").write_text(json.dumps(stored))
+    return run_id
+
+
+def test_students_of_two_vocabularies_meet_in_the_cross_vocabulary_table(tmp_path):
+    from neobench.runs.results import load_per_doc
+
+    root = tmp_path / "runs"
+    own, other = "pruned:15+bpe:16384", "pruned:15"
+    docs = [1.0, 1.2, 0.8, 1.1, 0.9, 1.3, 1.05, 0.95]
+    shifts = {("sft", own): 0.10, ("lora", own): 0.08, ("kd", own): 0.02, ("neo", own): 0.03, ("neo", other): 0.05, ("kd", other): 0.04}
+    for (method, student), shift in shifts.items():
+        make_student_run(root, method, student, [d + shift + 0.002 * (i % 3) for i, d in enumerate(docs)], stamp=student[-5:])
+    stray = make_student_run(root, "lora", other, docs, stamp="stray", examples_hash="e2")  # other examples: not comparable
+    report = render(load_results(root), "p", tmp_path / "board", per_doc=load_per_doc(root))
+
+    table = report.table("vocabularies").numeric
+    assert list(zip(table["student"], table["model"])) == [
+        (own, "kd (uld)"), (own, "lora"), (own, "neo (uld)"), (own, "sft"), (other, "kd"), (other, "neo")]
+    by_hand = sum((d + 0.03) - (d + 0.05) for d in docs) / len(docs)  # neo (uld) vs the other vocabulary's neo
+    neo = table.set_index("model").loc["neo (uld)"]
+    assert neo["delta/neo_heldout_bpb"] == pytest.approx(by_hand) and neo["high/neo_heldout_bpb"] < 0
+    assert math.isnan(table.set_index("model").loc["neo"].get("delta/neo_heldout_bpb", math.nan))  # the baseline itself
+    assert any(run == stray and "examples_hash e2 vs e1" in why for run, why in report.left_out)
+    # The usual tables hold the board's own student only.
+    assert set(report.table("main").numeric["model"]) <= {"sft", "lora", "kd (uld)", "neo (uld)", "teacher", "untrained"}
+    assert "## Across vocabularies" in (tmp_path / "board" / "README.md").read_text()

@@ -33,6 +33,7 @@ from neobench.reporting.plots import plot, plot_curves
 from neobench.reporting.protocols import PROTOCOL_TEXT, Protocol, budget_line, split_protocols, tuning_table
 from neobench.reporting.selection import REFERENCES, Selection, row_labels, select_comparable
 from neobench.reporting.tables import Table, efficiency_table, generation_table, paired_table, score_table
+from neobench.reporting.vocabularies import own_student, vocabulary_table
 
 
 @dataclass
@@ -64,6 +65,13 @@ def render(
 ) -> Report:
     """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves,
     and per-document scores for the paired comparisons)."""
+    all_rows, vocabularies, vocabulary_left_out = rows, None, []
+    own = own_student(rows)
+    if own is not None and rows.loc[rows["model"] == "student", "student"].nunique() > 1:
+        # Students of another vocabulary: in the cross-vocabulary table only; the usual tables are the own student's.
+        vocabularies, vocabulary_left_out = vocabulary_table(rows, per_doc, own)
+        own_untrained = (rows["model"] != "untrained_student") | (rows["student"] == own)
+        rows = rows[((rows["model"] != "student") & own_untrained) | (rows["student"] == own)]
     protocols, left_out = split_protocols(rows)
     main_steps = preset_budget(rows, preset)
     sections = []
@@ -107,10 +115,12 @@ def render(
         other = rows[(rows["model"] == "student") & rows["study"].isna() & (rows["steps"] != main_steps)]
         left |= {(r, f"budget {s} steps: the tables show the preset's {main_steps}, and no budget curve takes it")
                  for r, s in zip(other["run_id"], other["steps"]) if r not in used and r not in listed}
-    left_out = sorted(left | set(left_out))
-    rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
+    left_out = sorted(left | set(left_out) | set(vocabulary_left_out))
+    all_rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
     files = [out / "results.csv"]
     tables = [t for section in sections for t in section.tables]
+    if vocabularies is not None:
+        tables.append(vocabularies)
     if budgets is not None:
         tables.append(budgets.verdict)
         budgets.points.to_csv(out / "budgets.csv", index=False)
@@ -124,7 +134,7 @@ def render(
     files += [curve_plot] if curve_plot else []
     readme = out / "README.md"
     readme.write_text(leaderboard_markdown(preset, sections, left_out, with_curves=curve_plot is not None, budgets=budgets,
-                                           main_steps=main_steps))
+                                           main_steps=main_steps, vocabularies=vocabularies))
     files.append(readme)
     return Report(preset, tables, left_out, files, sections, budgets)
 
@@ -156,7 +166,8 @@ def at_budget(rows: pd.DataFrame, steps: int | None) -> pd.DataFrame:
 
 
 def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False,
-                         budgets: BudgetReport | None = None, main_steps: int | None = None) -> str:
+                         budgets: BudgetReport | None = None, main_steps: int | None = None,
+                         vocabularies: Table | None = None) -> str:
     total = len({r for s in sections for r in s.selection.students["run_id"]} | (
         {r for runs in budgets.budgets.values() for b in runs for r in b.selection.students["run_id"]} if budgets else set()))
     parts = [
@@ -193,6 +204,12 @@ def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tu
             "term per optimizer step (mean over seeds; the band spans the seeds' lowest to highest value).\n\n"
             "![training curves](training_curves.png)\n"
         )
+    if vocabularies is not None:
+        parts.append(f"## {vocabularies.title}\n")
+        parts.append("The tables above are the preset's own student's. Here every student of the board, whatever its "
+                     "vocabulary, on the scores that do not count tokens (neobench/reporting/vocabularies.py).\n")
+        parts.append(to_markdown(vocabularies))
+        parts += [f"{note}\n" for note in vocabularies.notes]
     if budgets is not None:
         parts.append(budget_markdown(budgets))
     if left_out:

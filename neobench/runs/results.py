@@ -24,7 +24,7 @@ COLUMNS = [
     "steps", "tokens", "data_hash", "seq_len", "batch_size", "grad_accum", "stopped_by",
     "task", "metric", "value", "stderr", "higher_is_better", "n_docs", "limit", "num_fewshot", "task_hash", "evaluator",
     "trainable_params", "peak_memory_bytes", "memory_kind", "train_seconds", "wall_seconds", "tokens_per_second",
-    "device", "dtype", "rank", "kd_ratio", "temperature", "lr", "lr_scale", "study", "trial",
+    "device", "dtype", "rank", "kd_ratio", "temperature", "lr", "lr_scale", "study", "trial", "student", "examples_hash",
 ]
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
@@ -65,6 +65,9 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         # Micro-batches per step over all processes: the budget, whatever the process count.
         "grad_accum": budget["grad_accum"] * budget.get("world_size", 1), "stopped_by": budget["stopped_by"],
         "study": config.get("study"), "trial": config.get("trial"),
+        # Which student (its spec) trained, and a tokenizer-independent hash of the examples it saw:
+        # a board may hold students of two vocabularies (neobench.reporting.vocabularies).
+        "student": config.get("student"), "examples_hash": budget.get("examples_hash"),
     }
     student = {
         **base, "model": "student", "method": metrics["method"], "variant": metrics["variant"], "loss": metrics["loss"],

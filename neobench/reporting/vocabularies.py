@@ -1,0 +1,122 @@
+"""Students with different vocabularies side by side: the cross-vocabulary table.
+
+A board whose runs train more than one student (e.g. smol-cpu-xvocab's 16k-token student and the
+49k-token pruned student of smol-cpu, trained with the same budget on the same examples) gets
+its usual tables for its own student (the one most runs train) and this one table for all:
+
+    rows      one per (student, method): its scores on the tasks that compare any two
+              vocabularies (bits per byte, response match, ROUGE-L), its cost, and the paired
+              Δ against LLM-Neo on the other vocabulary, on the same documents
+    fairness  the same optimizer steps, batch, sequence length and dtype, and the same examples
+              in the same order (``examples_hash``: the chat-formatted texts, whatever tokenizer
+              cut them); a run that differs is left out with its reason
+
+Token-level scores (NLL, perplexity) and teacher-student fidelity count tokens of one
+vocabulary, so they are not in this table.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pandas as pd
+
+from neobench.reporting.paired import compare, holm, significance_mark
+from neobench.reporting.tables import Table
+from neobench.training.labels import label_of
+
+CROSS_METRICS = [
+    ("neo_heldout_bpb", "bits_per_byte", "BPB"), ("neo_heldout_rougeL", "rougeL", "ROUGE-L"),
+    ("neo_heldout_match", "acc", "match"), ("neo_pydoc_bpb", "bits_per_byte", "pydoc BPB"),
+]
+"""(task, metric, column): scores that do not depend on the tokenizer."""
+PAIRED = [("neo_heldout_bpb", "bits_per_byte"), ("neo_heldout_rougeL", "rougeL")]
+"""The metrics of the Δ columns (paired bootstrap over documents, Holm over the table)."""
+SAME_BUDGET = ["steps", "batch_size", "grad_accum", "seq_len", "examples_hash", "dtype"]
+
+
+def own_student(rows: pd.DataFrame) -> Optional[str]:
+    """The student most of a board's runs train (ties: the spec sorting first); None for rows without one."""
+    if "student" not in rows or rows["student"].isna().all():
+        return None
+    runs = rows[(rows["model"] == "student") & rows["study"].isna()].drop_duplicates("run_id")
+    counts = runs["student"].value_counts()
+    return sorted(counts[counts == counts.max()].index)[0] if len(counts) else None
+
+
+def vocabulary_table(rows: pd.DataFrame, per_doc: Optional[pd.DataFrame], own: str) -> tuple[Optional[Table], list[tuple[str, str]]]:
+    """The cross-vocabulary table of a board's rows (None if every run trains ``own``), and the runs left out."""
+    students = rows[(rows["model"] == "student") & rows["study"].isna()].copy()
+    if students["student"].nunique() < 2:
+        return None, []
+    students["label"] = [label_of(m, v, l) for m, v, l in zip(students["method"], students["variant"], students["loss"])]
+    runs = students.sort_values("run_id").drop_duplicates("run_id")
+    left_out = []
+    ref = runs[runs["student"] == own].iloc[0] if (runs["student"] == own).any() else runs.iloc[0]
+    same = (runs[SAME_BUDGET].astype(str) == ref[SAME_BUDGET].astype(str)).all(axis=1)
+    for _, r in runs[~same].iterrows():
+        off = [f"{k} {r[k]} vs {ref[k]}" for k in SAME_BUDGET if str(r[k]) != str(ref[k])]
+        left_out.append((r["run_id"], "cross-vocabulary table: " + ", ".join(off)))
+    # One run per (student, label): the newest of the lowest seed, so every row is one training run.
+    runs = runs[same].sort_values(["seed", "run_id"], ascending=[True, False]).drop_duplicates(["student", "label"])
+    order = sorted(runs.itertuples(index=False), key=lambda r: (r.student != own, r.student, r.label))
+    others = [r for r in order if r.student != own]
+    baseline = next((r for r in others if r.label == "neo"), None)
+
+    def score(run_id: str, task: str, metric: str) -> Optional[pd.Series]:
+        if per_doc is None or per_doc.empty:
+            return None
+        mine = per_doc[(per_doc["run_id"] == run_id) & (per_doc["task"] == task) & (per_doc["metric"] == metric)]
+        return None if mine.empty else mine.set_index("doc")["value"]
+
+    comparisons = {}
+    for r in order:
+        if baseline is None or r.run_id == baseline.run_id:
+            continue
+        for task, metric in PAIRED:
+            a, b = score(r.run_id, task, metric), score(baseline.run_id, task, metric)
+            if a is None or b is None:
+                continue
+            docs = sorted(set(a.index) & set(b.index))
+            comparisons[(r.run_id, task)] = compare(a[docs].to_numpy()[None], b[docs].to_numpy()[None])
+    adjusted = dict(zip(comparisons, holm([c.p for c in comparisons.values()])))
+
+    display_rows, numeric_rows = [], []
+    for r in order:
+        values = students[students["run_id"] == r.run_id].set_index(["task", "metric"])
+        shown = {"student": r.student, "model": r.label}
+        numeric = {"student": r.student, "model": r.label, "run_id": r.run_id, "seed": int(r.seed)}
+        for task, metric, column in CROSS_METRICS:
+            if (task, metric) in values.index:
+                value, stderr = values.loc[(task, metric), "value"], values.loc[(task, metric), "stderr"]
+                shown[column] = f"{value:.3f}" + (f" ± {stderr:.3f}" if pd.notna(stderr) else "")
+                numeric[f"{task}/{metric}"] = value
+            else:
+                shown[column] = "—"
+        for task, metric in PAIRED:
+            name = f"Δ {dict((t, c) for t, _, c in CROSS_METRICS)[task]} vs neo ({baseline.student if baseline else '?'})"
+            c = comparisons.get((r.run_id, task))
+            if c is None:
+                shown[name] = "—"
+                continue
+            shown[name] = f"{c.delta:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{significance_mark(adjusted[(r.run_id, task)])}"
+            numeric.update({f"delta/{task}": c.delta, f"low/{task}": c.low, f"high/{task}": c.high, f"p_holm/{task}": adjusted[(r.run_id, task)]})
+        shown.update({
+            "trainable": f"{r.trainable_params / 1e6:.2f}M", "s/step": f"{r.train_seconds / r.steps:.2f}",
+            "peak memory": f"{r.peak_memory_bytes / 2**30:.2f} GiB",
+        })
+        numeric.update({"trainable_params": r.trainable_params, "seconds_per_step": r.train_seconds / r.steps,
+                        "peak_memory_bytes": r.peak_memory_bytes})
+        display_rows.append(shown)
+        numeric_rows.append(numeric)
+    notes = [
+        f"Every run: {ref['steps']} optimizer steps of {int(ref['batch_size']) * int(ref['grad_accum'])} examples, seq_len "
+        f"{ref['seq_len']}, {ref['dtype']}, the same examples in the same order (hash {str(ref['examples_hash'])[:12]}); seed "
+        f"{int(runs['seed'].min())}. Each student is scored with its own tokenizer.",
+        "BPB: bits per UTF-8 byte of the held-out teacher responses (lower is better); pydoc BPB: of Python documentation; "
+        "ROUGE-L of greedy answers and the 4-way response match as in the main table. ± is lm-eval's standard error.",
+        "Δ: paired difference with LLM-Neo (forward KL) on the other vocabulary, on the same documents: mean and 95% "
+        "paired-bootstrap interval; * marks p < 0.05 after Holm's correction over this table.",
+        "s/step and peak memory: the training loop of each run (peak RSS on CPU), with the teacher's hidden states cached.",
+    ]
+    return Table("vocabularies", "Across vocabularies", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes), left_out
