@@ -1,7 +1,7 @@
 # neobench: two commands do all the set-up.
 #   make demo   create .venv, install, and train LLM-Neo + DoRA on the embedded default (offline, CPU)
 #   make test   create .venv, install, and run the test suite
-.PHONY: setup demo test test-under-load test-postgres test-paper-shape test-processes bench bench-peers bench-paper-shape gpu-check leaderboard ablations report clean
+.PHONY: setup demo test test-under-load test-postgres test-paper-shape test-processes bench bench-peers bench-paper-shape gpu-check leaderboard leaderboard-xvocab ablations report clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -93,6 +93,20 @@ leaderboard: $(STAMP)
 		$(RUN) --method neo --variant $$v --protocol tuned || exit 1; \
 	done
 	$(VENV)/bin/neobench report --runs $(LEADERBOARD_RUNS) --replace
+
+# The committed leaderboards/smol-cpu-xvocab/: distillation across two tokenizers. The preset's matrix
+# (sft, lora, kd and neo with --loss uld) on the student with its own 16,384-token BPE, then kd and
+# neo on the same-vocabulary student of smol-cpu (forward KL) and neo with shared_vocab_kl, all at
+# the preset's 192 steps, seed 0, scored on the tasks any two vocabularies share (bits per byte,
+# match, ROUGE-L). About 80 minutes on 2 CPU cores (AMX-BF16); --skip-done continues a stopped one.
+XVOCAB_RUNS ?= runs/xvocab-smol-cpu
+XRUN := $(VENV)/bin/neobench run --preset smol-cpu-xvocab --dtype $(LEADERBOARD_DTYPE) --skip-done --runs-dir $(XVOCAB_RUNS)
+leaderboard-xvocab: $(STAMP)
+	$(XRUN)
+	$(XRUN) --method neo --student pruned:15 --loss forward_kl
+	$(XRUN) --method kd --student pruned:15 --loss forward_kl
+	$(XRUN) --method neo --loss shared_vocab_kl
+	$(VENV)/bin/neobench report --runs $(XVOCAB_RUNS) --replace
 
 # The committed leaderboards/smol-cpu/ablations/: the rank and kd_ratio sweeps of ablations/
 # (8 trials each, about 17 minutes per study on 2 CPU cores in fp32), scored on the validation split.

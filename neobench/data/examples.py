@@ -71,11 +71,12 @@ class TokenizedData:
     examples: list[Example]
     report: DataReport
     data_hash: str
-    """sha256 over the token ids and labels of the used examples, in order, and seq_len
-    (and, across two tokenizers, the teacher's ids and the alignment)."""
+    """sha256 over the token ids and labels of the used examples, in order, and seq_len."""
     examples_hash: Optional[str] = None
     """sha256 over the used rows' chat-formatted texts, in order (and seq_len): the same for any
     tokenizer, so runs of students with different vocabularies can show they saw the same examples."""
+    alignment_hash: Optional[str] = None
+    """Cross-vocabulary runs: sha256 over data_hash, the teacher's ids and the alignment (part of the teacher cache's key)."""
     aligned_tokens: Optional[int] = None
     """Cross-vocabulary runs: response tokens the teacher is compared at (of ``scored_tokens``)."""
     scored_tokens: Optional[int] = None
@@ -301,11 +302,15 @@ def tokenize_rows(tokenizer, rows: list[Any], seq_len: int, source: str, teacher
     for ex in examples:
         digest.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
-        if teacher_tokenizer is not None:  # same-vocabulary hashes stay what they were
-            for part in (ex.teacher_input_ids, ex.aligned_positions, ex.teacher_positions):
-                digest.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
     data = TokenizedData(examples, report, digest.hexdigest(), texts.hexdigest())
     if teacher_tokenizer is not None:
+        # Apart from data_hash, which is the student's alone: sft and lora runs (no teacher) and kd
+        # and neo runs of one student train on the same data and share a table.
+        alignment = hashlib.sha256(data.data_hash.encode())
+        for ex in examples:
+            for part in (ex.teacher_input_ids, ex.aligned_positions, ex.teacher_positions):
+                alignment.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+        data.alignment_hash = alignment.hexdigest()
         data.aligned_tokens = sum(len(ex.aligned_positions) for ex in examples)
         data.scored_tokens = sum(sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples)
     return data

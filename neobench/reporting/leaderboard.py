@@ -65,11 +65,12 @@ def render(
 ) -> Report:
     """Write every table (in ``formats``), the plots and README.md for one preset's rows (and training curves,
     and per-document scores for the paired comparisons)."""
-    all_rows, vocabularies, vocabulary_left_out = rows, None, []
-    own = own_student(rows)
+    all_rows, vocabularies = rows, None
+    own = own_student(rows, preset)
     if own is not None and rows.loc[rows["model"] == "student", "student"].nunique() > 1:
-        # Students of another vocabulary: in the cross-vocabulary table only; the usual tables are the own student's.
-        vocabularies, vocabulary_left_out = vocabulary_table(rows, per_doc, own)
+        # Students of another vocabulary: in the cross-vocabulary table only (at the preset's budget);
+        # the usual tables are the own student's.
+        vocabularies = vocabulary_table(at_budget(rows, preset_budget(rows, preset)), per_doc, own)
         own_untrained = (rows["model"] != "untrained_student") | (rows["student"] == own)
         rows = rows[((rows["model"] != "student") & own_untrained) | (rows["student"] == own)]
     protocols, left_out = split_protocols(rows)
@@ -115,7 +116,7 @@ def render(
         other = rows[(rows["model"] == "student") & rows["study"].isna() & (rows["steps"] != main_steps)]
         left |= {(r, f"budget {s} steps: the tables show the preset's {main_steps}, and no budget curve takes it")
                  for r, s in zip(other["run_id"], other["steps"]) if r not in used and r not in listed}
-    left_out = sorted(left | set(left_out) | set(vocabulary_left_out))
+    left_out = sorted(left | set(left_out))
     all_rows.to_csv(out / "results.csv", index=False)  # the tidy rows again, for spreadsheets
     files = [out / "results.csv"]
     tables = [t for section in sections for t in section.tables]

@@ -32,36 +32,52 @@ CROSS_METRICS = [
 """(task, metric, column): scores that do not depend on the tokenizer."""
 PAIRED = [("neo_heldout_bpb", "bits_per_byte"), ("neo_heldout_rougeL", "rougeL")]
 """The metrics of the Δ columns (paired bootstrap over documents, Holm over the table)."""
-SAME_BUDGET = ["steps", "batch_size", "grad_accum", "seq_len", "examples_hash", "dtype"]
+SAME_BUDGET = ["steps", "batch_size", "grad_accum", "seq_len", "examples_hash", "seed", "dtype", "kd_ratio", "temperature"]
+"""What every row of the table shares: the budget, the examples and their order, the precision, the KD mixture."""
 
 
-def own_student(rows: pd.DataFrame) -> Optional[str]:
-    """The student most of a board's runs train (ties: the spec sorting first); None for rows without one."""
+def own_student(rows: pd.DataFrame, preset: Optional[str] = None) -> Optional[str]:
+    """The board's own student: its preset's, if runs train it; else the one most runs train (ties: the
+    spec sorting first); None for rows without students."""
     if "student" not in rows or rows["student"].isna().all():
         return None
     runs = rows[(rows["model"] == "student") & rows["study"].isna()].drop_duplicates("run_id")
+    if preset is not None:
+        from neobench.runs.config import PRESETS, load_preset
+
+        if preset in PRESETS and (runs["student"] == load_preset(preset).student).any():
+            return load_preset(preset).student
     counts = runs["student"].value_counts()
     return sorted(counts[counts == counts.max()].index)[0] if len(counts) else None
 
 
-def vocabulary_table(rows: pd.DataFrame, per_doc: Optional[pd.DataFrame], own: str) -> tuple[Optional[Table], list[tuple[str, str]]]:
-    """The cross-vocabulary table of a board's rows (None if every run trains ``own``), and the runs left out."""
+def vocabulary_table(rows: pd.DataFrame, per_doc: Optional[pd.DataFrame], own: str) -> Optional[Table]:
+    """The cross-vocabulary table of a board's rows at one budget (None if every run trains ``own``)."""
     students = rows[(rows["model"] == "student") & rows["study"].isna()].copy()
     if students["student"].nunique() < 2:
-        return None, []
+        return None
     students["label"] = [label_of(m, v, l) for m, v, l in zip(students["method"], students["variant"], students["loss"])]
     runs = students.sort_values("run_id").drop_duplicates("run_id")
-    left_out = []
-    ref = runs[runs["student"] == own].iloc[0] if (runs["student"] == own).any() else runs.iloc[0]
+    notes_out = []
+    unknown = runs["examples_hash"].isna()
+    for run_id in runs.loc[unknown, "run_id"]:
+        notes_out.append(f"{run_id}: no examples_hash (made before runs recorded it), so not shown")
+    runs = runs[~unknown]
+    if runs.empty:
+        return None
+    seed = int(runs["seed"].min())
+    ref = runs[(runs["student"] == own) & (runs["seed"] == seed)]
+    ref = (ref if len(ref) else runs[runs["seed"] == seed]).iloc[0]
     same = (runs[SAME_BUDGET].astype(str) == ref[SAME_BUDGET].astype(str)).all(axis=1)
     for _, r in runs[~same].iterrows():
         off = [f"{k} {r[k]} vs {ref[k]}" for k in SAME_BUDGET if str(r[k]) != str(ref[k])]
-        left_out.append((r["run_id"], "cross-vocabulary table: " + ", ".join(off)))
-    # One run per (student, label): the newest of the lowest seed, so every row is one training run.
-    runs = runs[same].sort_values(["seed", "run_id"], ascending=[True, False]).drop_duplicates(["student", "label"])
+        notes_out.append(f"{r['run_id']}: not shown ({', '.join(off)})")
+    # One run per (student, label): the newest, so every row is one training run of the same seed.
+    runs = runs[same].sort_values("run_id", ascending=False).drop_duplicates(["student", "label"])
     order = sorted(runs.itertuples(index=False), key=lambda r: (r.student != own, r.student, r.label))
-    others = [r for r in order if r.student != own]
-    baseline = next((r for r in others if r.label == "neo"), None)
+    # The baseline: LLM-Neo (LoRA) on another vocabulary, with its own loss where there are several.
+    others = [r for r in order if r.student != own and r.method == "neo" and r.variant in ("lora", None)]
+    baseline = min(others, key=lambda r: (r.label != "neo", r.label)) if others else None
 
     def score(run_id: str, task: str, metric: str) -> Optional[pd.Series]:
         if per_doc is None or per_doc.empty:
@@ -111,12 +127,13 @@ def vocabulary_table(rows: pd.DataFrame, per_doc: Optional[pd.DataFrame], own: s
         numeric_rows.append(numeric)
     notes = [
         f"Every run: {ref['steps']} optimizer steps of {int(ref['batch_size']) * int(ref['grad_accum'])} examples, seq_len "
-        f"{ref['seq_len']}, {ref['dtype']}, the same examples in the same order (hash {str(ref['examples_hash'])[:12]}); seed "
-        f"{int(runs['seed'].min())}. Each student is scored with its own tokenizer.",
+        f"{ref['seq_len']} tokens of its own tokenizer, {ref['dtype']}, seed {seed}: the same rows in the same order "
+        f"(examples hash {str(ref['examples_hash'])[:12]}). Each student is scored with its own tokenizer.",
         "BPB: bits per UTF-8 byte of the held-out teacher responses (lower is better); pydoc BPB: of Python documentation; "
         "ROUGE-L of greedy answers and the 4-way response match as in the main table. ± is lm-eval's standard error.",
         "Δ: paired difference with LLM-Neo (forward KL) on the other vocabulary, on the same documents: mean and 95% "
         "paired-bootstrap interval; * marks p < 0.05 after Holm's correction over this table.",
-        "s/step and peak memory: the training loop of each run (peak RSS on CPU), with the teacher's hidden states cached.",
+        "s/step and peak memory: the training loop of each run (peak RSS on CPU).",
+        *notes_out,
     ]
-    return Table("vocabularies", "Across vocabularies", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes), left_out
+    return Table("vocabularies", "Across vocabularies", pd.DataFrame(numeric_rows), pd.DataFrame(display_rows), notes)

@@ -242,6 +242,11 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
 
     # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
     ws = prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
+    if ws.cross_vocabulary:  # prepare checked the first run only: a kd run must not fail after sft has trained
+        from neobench.training.workspace import check_cross_vocabulary
+
+        for cfg in cfgs[1:]:
+            check_cross_vocabulary(cfg, ws.teacher_tokenizer, ws.tokenizer)
     from neobench.evaluation.catalog import EvalSpec, load_tasks
 
     spec = EvalSpec.from_config(cfgs[0])

@@ -158,7 +158,7 @@ class Divergence:
     "vocabulary": one vocabulary (teacher and student tokenizers alike);
     "any": none (ULD compares sorted probabilities; any two vocabularies);
     "shared": computed over the tokens both vocabularies spell alike, each side renormalised there
-    (neobench.training.vocab_pairing); with one vocabulary that is all of it."""
+    (neobench.data.alignment.VocabPairing); with one vocabulary that is all of it."""
 
     @property
     def cross_vocabulary(self) -> bool:

@@ -90,7 +90,7 @@ class TeacherCache:
     ) -> "TeacherCache":
         """The cache of one teacher and data set. Hidden states depend on the compute dtype (``dtype``),
         not on the temperature; log-probabilities the other way round. ``tokenizers``: the two
-        tokenizers' fingerprints of a cross-vocabulary run (the alignment depends on both)."""
+        tokenizers' fingerprints and the alignment's hash of a cross-vocabulary run."""
         from neobench.models.loading import cache_dir, model_fingerprint
 
         if mode.kind == "hidden":

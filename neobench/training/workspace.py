@@ -69,10 +69,13 @@ class Workspace:
 
     @property
     def tokenizer_fingerprints(self) -> tuple[str, ...]:
-        """Both tokenizers' fingerprints on a cross-vocabulary run (part of its teacher cache's key); () otherwise."""
+        """Both tokenizers' fingerprints and the alignment's hash on a cross-vocabulary run (part of its teacher
+        cache's key); () otherwise."""
         from neobench.data.alignment import tokenizer_fingerprint
 
-        return (tokenizer_fingerprint(self.teacher_tokenizer), tokenizer_fingerprint(self.tokenizer)) if self.cross_vocabulary else ()
+        if not self.cross_vocabulary:
+            return ()
+        return tokenizer_fingerprint(self.teacher_tokenizer), tokenizer_fingerprint(self.tokenizer), self.data.alignment_hash
 
     @property
     def teacher_pad_id(self) -> Optional[int]:
