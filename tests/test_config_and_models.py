@@ -48,6 +48,14 @@ def test_unknown_names_list_the_valid_ones():
         load_preset("nope")
 
 
+def test_uld_refuses_a_top_k_teacher_cache():
+    with pytest.raises(NeobenchError, match="--loss uld sorts the student's whole distribution.*use --teacher-cache hidden"):
+        validate(RunConfig(loss="uld", teacher_cache="topk:64"))
+    validate(RunConfig(loss="uld", teacher_cache="hidden"))
+    with pytest.raises(NeobenchError, match="'akl_mu' must be in \\(0, 1\\)"):
+        validate(RunConfig(loss="akl", akl_mu=1.0))
+
+
 def test_variant_needs_an_adapter_method():
     with pytest.raises(NeobenchError, match="--variant dora needs an adapter method"):
         validate(RunConfig(method="sft", variant="dora"))

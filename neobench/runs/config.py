@@ -262,7 +262,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     pick_dtype(cfg.dtype, "cpu")  # a bad name fails here, before anything loads
     from neobench.training.teacher_cache import CacheMode
 
-    CacheMode.parse(cfg.teacher_cache)
+    if CacheMode.parse(cfg.teacher_cache).kind == "topk" and cfg.loss == "uld":
+        raise NeobenchError("--loss uld sorts the student's whole distribution, which a top-k teacher cache cannot give it; "
+                            "use --teacher-cache hidden, dense or off")
     from neobench.training.distributed import STRATEGIES
     from neobench.training.optimizers import OPTIMIZERS
 
