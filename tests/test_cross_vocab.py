@@ -224,13 +224,13 @@ def test_a_cross_vocabulary_run_resumes_exactly(xvocab, tmp_path):
     ({"loss": "forward_kl"}, "use a cross-vocabulary loss: " + ", ".join(CROSS_VOCABULARY)),
     ({"method": "minillm"}, "needs one vocabulary; use --method kd or neo"),
     ({"teacher_cache": "topk:8"}, "use --teacher-cache hidden or off"),
-    ({"eval_tasks": "neo_fidelity"}, "leave it out of --tasks"),
+    ({"eval_tasks": "neo_suite"}, "neo_fidelity compares the two models token by token"),
 ])
 def test_what_cannot_cross_vocabularies_fails_in_one_line(xvocab, tmp_path, changes, expected):
-    from neobench.training.workspace import prepare
+    from neobench.runs.execute import execute
 
     with pytest.raises(NeobenchError, match="use different tokenizers") as err:
-        prepare(xcfg(xvocab, tmp_path, **changes))
+        execute(xcfg(xvocab, tmp_path, **changes))
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 

@@ -61,7 +61,8 @@ def run_study(
     from neobench.training.methods import METHODS
 
     eval_spec = EvalSpec.from_config(base)
-    ws = prepare(base, need_teacher=METHODS.get(base.method).uses_teacher or FIDELITY in eval_spec.tasks)
+    ws = prepare(base, need_teacher=METHODS.get(base.method).uses_teacher or FIDELITY in eval_spec.tasks,
+                 fidelity=FIDELITY in eval_spec.tasks)
     direction = objective_direction(spec, base, ws.student_path)
     study, storage = create_study(spec, study_name, storage_url, direction, command)
     before = counted(study)

@@ -32,7 +32,7 @@ from neobench.reporting.formats import FORMATS, to_markdown, write_table
 from neobench.reporting.plots import plot, plot_curves
 from neobench.reporting.protocols import PROTOCOL_TEXT, Protocol, budget_line, split_protocols, tuning_table
 from neobench.reporting.selection import REFERENCES, Selection, row_labels, select_comparable
-from neobench.reporting.tables import Table, efficiency_table, generation_table, paired_table, score_table
+from neobench.reporting.tables import DELTA_METRIC, Table, delta_metric, efficiency_table, generation_table, paired_table, score_table
 from neobench.reporting.vocabularies import own_student, vocabulary_table
 
 
@@ -169,6 +169,8 @@ def at_budget(rows: pd.DataFrame, steps: int | None) -> pd.DataFrame:
 def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tuple[str, str]], with_curves: bool = False,
                          budgets: BudgetReport | None = None, main_steps: int | None = None,
                          vocabularies: Table | None = None) -> str:
+    students = pd.concat([s.selection.students for s in sections]) if sections else pd.DataFrame(columns=["task", "metric"])
+    delta_name = "NLL" if delta_metric(set(zip(students["task"], students["metric"]))) == DELTA_METRIC else "bits per byte"
     total = len({r for s in sections for r in s.selection.students["run_id"]} | (
         {r for runs in budgets.budgets.values() for b in runs for r in b.selection.students["run_id"]} if budgets else set()))
     parts = [
@@ -178,7 +180,7 @@ def leaderboard_markdown(preset: str, sections: list[Section], left_out: list[tu
         "Cells are mean ± 95% confidence interval over seeds (Student-t); with one seed (and for the reference "
         "rows `teacher` and `untrained`), ± the standard error lm-eval reports. **Bold** marks the best student in a "
         "column. *gap closed* is the share of the distance from the untrained student (0%) to the teacher (100%) "
-        "that training covered, averaged over the columns. The Δ columns compare each student's NLL with LoRA's and KD's "
+        f"that training covered, averaged over the columns. The Δ columns compare each student's {delta_name} with LoRA's and KD's "
         "on the same documents: paired difference [95% paired-bootstrap interval], * where significant after Holm's "
         "correction over the table's comparisons (the paired tables below list every metric).\n",
     ]

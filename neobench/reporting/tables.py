@@ -18,6 +18,12 @@ from neobench.reporting.selection import REFERENCES, Cell, Selection, column_nam
 
 DELTA_METRIC = ("neo_heldout_nll", "nll")
 """The metric of the main table's Δ columns (every headline metric is in the paired table)."""
+DELTA_METRIC_ACROSS_VOCABULARIES = ("neo_heldout_bpb", "bits_per_byte")
+"""The Δ columns' metric on a board without NLL (smol-cpu-xvocab scores bits per byte instead)."""
+
+
+def delta_metric(columns) -> tuple[str, str]:
+    return DELTA_METRIC if DELTA_METRIC in columns or DELTA_METRIC_ACROSS_VOCABULARIES not in columns else DELTA_METRIC_ACROSS_VOCABULARIES
 DELTA_COLUMNS = ("lora", "kd")
 """The baselines of the main table's Δ columns."""
 GENERATION = [("neo_heldout_rougeL", "rougeL"), ("neo_heldout_rougeL", "response_tokens"), ("neo_heldout_rougeL", "at_cap")]
@@ -115,8 +121,8 @@ def score_table(sel: Selection, name: str, title: str, labels: list[str], paired
             numeric_rows.append({"model": label, "task": "average", "metric": "gap_closed", "n": gaps[label].n,
                                  "mean": gaps[label].mean, "half_width": gaps[label].half, "interval": gaps[label].kind, "best": False})
         if paired:
-            task, metric = DELTA_METRIC
-            arrow = "↑" if hib.get(DELTA_METRIC, False) else "↓"
+            task, metric = delta_metric(columns)
+            arrow = "↑" if hib.get((task, metric), False) else "↓"
             for base, base_name in ((b, BASELINES[b]) for b in DELTA_COLUMNS):
                 hit = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (label, base, task, metric)]
                 mirror = [c for c in paired if (c.model, c.baseline, c.task, c.metric) == (base, label, task, metric)]

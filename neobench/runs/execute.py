@@ -77,7 +77,7 @@ def _execute(cfg: RunConfig, run_id: Optional[str], after_step, resume: bool) ->
     method = METHODS.get(cfg.method)
     started = time.perf_counter()
     spec = EvalSpec.from_config(cfg)
-    ws = prepare(cfg, need_teacher=method.uses_teacher or FIDELITY in spec.tasks)
+    ws = prepare(cfg, need_teacher=method.uses_teacher or FIDELITY in spec.tasks, fidelity=FIDELITY in spec.tasks)
     signal_point("setup")  # a stop requested from here on is acted on at the first step (neobench.core.stopping)
     world = ws.world
     if world.main:
@@ -240,16 +240,17 @@ def execute_many(cfgs: list[RunConfig], nproc: int = 1) -> list[dict]:
     """Run each config in its own `neobench run` process, or torchrun of ``nproc`` (see the module docstring)."""
     from neobench.training.workspace import prepare
 
+    from neobench.evaluation.catalog import FIDELITY, EvalSpec, load_tasks
+
+    spec = EvalSpec.from_config(cfgs[0])
     # Build shared artefacts (dequantized teacher, pruned student) once, before the children start.
-    ws = prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs))
+    ws = prepare(cfgs[0], need_teacher=any(METHODS.get(c.method).uses_teacher for c in cfgs) or FIDELITY in spec.tasks,
+                 fidelity=FIDELITY in spec.tasks)
     if ws.cross_vocabulary:  # prepare checked the first run only: a kd run must not fail after sft has trained
         from neobench.training.workspace import check_cross_vocabulary
 
         for cfg in cfgs[1:]:
             check_cross_vocabulary(cfg, ws.teacher_tokenizer, ws.tokenizer)
-    from neobench.evaluation.catalog import EvalSpec, load_tasks
-
-    spec = EvalSpec.from_config(cfgs[0])
     if spec.tasks:  # fail on a bad task name or missing data before the first run trains
         load_tasks(spec, ws.student_path)
     fill_teacher_caches(cfgs, ws, nproc)

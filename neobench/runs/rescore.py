@@ -29,7 +29,7 @@ def evaluate_run(run: str, runs_dir: str, eval_overrides: dict) -> dict:
     spec = EvalSpec.from_config(cfg)
     if not spec.tasks:
         raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
-    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
+    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks, fidelity=FIDELITY in spec.tasks)
     taskset = load_tasks(spec, ws.student_path)
     return evaluate_student(cfg, ws, load_trained_student(cfg, ws, weights), run_dir, taskset)
 
@@ -55,7 +55,7 @@ def evaluate_model(model: str, preset: str, eval_overrides: dict) -> dict:
     spec = EvalSpec.from_config(cfg)
     if not spec.tasks:
         raise NeobenchError("--tasks none leaves nothing to evaluate; name tasks or neo_suite")
-    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks)
+    ws = prepare(cfg, need_teacher=FIDELITY in spec.tasks, fidelity=FIDELITY in spec.tasks)
     taskset = load_tasks(spec, ws.student_path)
     result = model_evaluation(
         "model", ws.student_path, taskset, ws.device, ws.dtype, teacher_path=ws.teacher_path, vocab_size=ws.vocab_size

@@ -145,11 +145,12 @@ class Workspace:
             self._teacher_sharded.reshard()
 
 
-def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
+def prepare(cfg: RunConfig, need_teacher: bool = True, fidelity: bool = False) -> Workspace:
     """Resolve models, tokenize the data and check that teacher and student share a vocabulary.
 
     Cheap checks (device, data file, student path) come before anything slow (dequantizing
-    or pruning), so a typo fails in a second, not after minutes.
+    or pruning), so a typo fails in a second, not after minutes. ``fidelity``: the run will score
+    neo_fidelity (teacher and student token by token), which needs one vocabulary.
     """
     from neobench.training.distributed import init, rank_device
 
@@ -170,7 +171,7 @@ def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
     teacher_tok = load_tokenizer(teacher_path) if need_teacher else None
     cross = teacher_tok is not None and not same_vocabulary(teacher_tok, tokenizer)
     if cross:
-        check_cross_vocabulary(cfg, teacher_tok, tokenizer)
+        check_cross_vocabulary(cfg, teacher_tok, tokenizer, fidelity)
     data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples, teacher_tok if cross else None)
     ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype, world, cfg.strategy)
     if cross:
@@ -190,9 +191,8 @@ def prepare(cfg: RunConfig, need_teacher: bool = True) -> Workspace:
     return ws
 
 
-def check_cross_vocabulary(cfg: RunConfig, teacher_tok, student_tok) -> None:
+def check_cross_vocabulary(cfg: RunConfig, teacher_tok, student_tok, fidelity: bool = False) -> None:
     """A teacher and a student with two vocabularies: refuse, in one line, what cannot compare them."""
-    from neobench.evaluation.catalog import FIDELITY, parse_task_list
     from neobench.training.losses import CROSS_VOCABULARY
     from neobench.training.methods import METHODS
 
@@ -206,6 +206,6 @@ def check_cross_vocabulary(cfg: RunConfig, teacher_tok, student_tok) -> None:
                             f"use a cross-vocabulary loss: {', '.join(CROSS_VOCABULARY)}")
     if method.uses_teacher and cfg.teacher_cache not in ("off", "hidden"):
         raise NeobenchError(f"{pair}; a cross-vocabulary run caches the teacher's hidden states only: use --teacher-cache hidden or off")
-    if FIDELITY in parse_task_list(cfg.eval_tasks):
-        raise NeobenchError(f"{pair}; {FIDELITY} compares the two models token by token over one vocabulary; "
+    if fidelity:
+        raise NeobenchError(f"{pair}; neo_fidelity compares the two models token by token over one vocabulary; "
                             "leave it out of --tasks (the xvocab preset's tasks compare any vocabularies)")
