@@ -61,7 +61,8 @@ def align_positions(
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of a tokenizer's vocabulary and special tokens: what alignment and pairing depend on."""
+    """sha256 of a tokenizer's vocabulary and special tokens (what the pairing depends on; the alignment,
+    which merges and pre-tokenizer shape too, has its own hash, neobench.data.examples.TokenizedData.alignment_hash)."""
     payload = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, type(tokenizer).__name__]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
@@ -98,9 +99,6 @@ class VocabPairing:
 
     def __len__(self) -> int:
         return len(self.student_ids)
-
-    def to(self, device) -> "VocabPairing":
-        return VocabPairing(self.student_ids.to(device), self.teacher_ids.to(device))
 
 
 def restrict_to_shared(log_s: torch.Tensor, log_t: torch.Tensor, pairing: Optional[VocabPairing]) -> tuple[torch.Tensor, torch.Tensor]:

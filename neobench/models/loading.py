@@ -256,30 +256,18 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: str):
     return model.to(device)
 
 
-def check_shared_vocabulary(
-    teacher_tok, student_tok, teacher_rows: int, student_rows: int, teacher_name: str, student_name: str
-) -> int:
-    """Token-level KD compares distributions over one vocabulary: refuse pairs that do not share one.
+def check_output_rows(models: list[tuple[str, str, int]], shared: bool) -> None:
+    """Refuse a model whose output head has fewer rows than its tokenizer has tokens.
 
-    ``*_rows`` are the models' output-embedding rows (config.vocab_size). Those are often padded
-    past the tokenizer (to a multiple of 64, say); padding rows are never real tokens, so they may
-    differ. Returns the shared vocabulary size, which the losses use to slice logits.
+    ``models``: (name, path, tokenizer size) each. Output rows (config.vocab_size) are often
+    padded past the tokenizer (to a multiple of 64, say); padding rows are never real tokens and
+    the losses slice them off, so more rows are fine and teacher and student may differ there.
     """
-    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if t_vocab != s_vocab:
-        raise NeobenchError(
-            f"teacher {teacher_name!r} ({len(t_vocab)} tokens) and student {student_name!r} "
-            f"({len(s_vocab)} tokens) use different tokenizers; token-level KD needs a shared vocabulary, "
-            "so pick a student from the teacher's model family"
-        )
-    vocab = len(teacher_tok)
-    for name, rows in ((teacher_name, teacher_rows), (student_name, student_rows)):
+    for name, path, vocab in models:
+        rows = output_rows(path)
         if rows < vocab:
-            raise NeobenchError(
-                f"model {name!r} has {rows} output rows but the shared tokenizer has {vocab} tokens; "
-                f"teacher {teacher_name!r} and student {student_name!r} do not share a vocabulary"
-            )
-    return vocab
+            whose = "the shared tokenizer" if shared else "its tokenizer"
+            raise NeobenchError(f"model {name!r} has {rows} output rows but {whose} has {vocab} tokens")
 
 
 def output_rows(path: str) -> int:

@@ -20,13 +20,14 @@ DELTA_METRIC = ("neo_heldout_nll", "nll")
 """The metric of the main table's Δ columns (every headline metric is in the paired table)."""
 DELTA_METRIC_ACROSS_VOCABULARIES = ("neo_heldout_bpb", "bits_per_byte")
 """The Δ columns' metric on a board without NLL (smol-cpu-xvocab scores bits per byte instead)."""
-
-
-def delta_metric(columns) -> tuple[str, str]:
-    return DELTA_METRIC if DELTA_METRIC in columns or DELTA_METRIC_ACROSS_VOCABULARIES not in columns else DELTA_METRIC_ACROSS_VOCABULARIES
 DELTA_COLUMNS = ("lora", "kd")
 """The baselines of the main table's Δ columns."""
 GENERATION = [("neo_heldout_rougeL", "rougeL"), ("neo_heldout_rougeL", "response_tokens"), ("neo_heldout_rougeL", "at_cap")]
+
+
+def delta_metric(columns) -> tuple[str, str]:
+    """The main table's Δ metric among a board's (task, metric) columns: NLL, else bits per byte."""
+    return DELTA_METRIC if DELTA_METRIC in columns or DELTA_METRIC_ACROSS_VOCABULARIES not in columns else DELTA_METRIC_ACROSS_VOCABULARIES
 
 
 @dataclass

@@ -84,7 +84,6 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     A TeacherHidden (hidden-state cache: the loss projects it as if the teacher had run) or the
     cached TeacherLogProbs (dense, top-k).
     """
-    from neobench.training.fused_loss import TeacherHidden
     from neobench.training.teacher_cache import concat, store_from_hidden
 
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
@@ -106,10 +105,7 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     counts["hits"] += len(picks) - len(missing)
     counts["misses"] += len(missing)
     if cache.holds_hidden:
-        hidden = torch.cat(entries).to(ws.device)
-        if ws.cross_vocabulary:  # rows at the student's positions, zeros where no teacher position aligns
-            return TeacherHidden(hidden, head, batch["kd_aligned"][mask], ws.pairing)
-        return TeacherHidden(hidden, head)
+        return ws.as_teacher(torch.cat(entries).to(ws.device), head, batch, mask)
     merged = concat(entries)
     return type(merged)(*(None if x is None else x.to(ws.device) for x in (merged.log_probs, merged.ids, merged.rest)))
 

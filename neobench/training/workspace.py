@@ -16,7 +16,7 @@ import torch
 from neobench.data.alignment import VocabPairing, same_vocabulary
 from neobench.data.examples import TokenizedData, load_training_data, resolve_data_file
 from neobench.core.errors import NeobenchError
-from neobench.models.loading import check_shared_vocabulary, load_causal_lm, load_tokenizer, output_rows, pick_device, resolve_model
+from neobench.models.loading import check_output_rows, load_causal_lm, load_tokenizer, pick_device, resolve_model
 from neobench.models.precision import autocast, pick_dtype
 from neobench.training.distributed import World
 from neobench.training.fused_loss import LogitHead, TeacherHidden, check_head, scored_hidden
@@ -137,7 +137,14 @@ class Workspace:
             raise ValueError(f"{aligned_rows.shape[0]} teacher rows for {int(aligned.sum())} aligned student positions")
         hidden = aligned_rows.new_zeros((aligned.shape[0], aligned_rows.shape[1]))
         hidden[aligned] = aligned_rows
-        return TeacherHidden(hidden, head, aligned, self.pairing)
+        return self.as_teacher(hidden, head, batch, mask)
+
+    def as_teacher(self, hidden: torch.Tensor, head: LogitHead, batch: dict, mask: torch.Tensor) -> TeacherHidden:
+        """Teacher rows at the student's N scored rows (computed now or read from the cache) as the loss takes
+        them: across two vocabularies, with the alignment mask and the vocabulary pairing."""
+        if not self.cross_vocabulary:
+            return TeacherHidden(hidden, head)
+        return TeacherHidden(hidden, head, batch["kd_aligned"][mask], self.pairing)
 
     def release_teacher_shards(self) -> None:
         """Free the gathered root of a sharded teacher once its outputs are used (reshard_after_forward)."""
@@ -146,7 +153,8 @@ class Workspace:
 
 
 def prepare(cfg: RunConfig, need_teacher: bool = True, fidelity: bool = False) -> Workspace:
-    """Resolve models, tokenize the data and check that teacher and student share a vocabulary.
+    """Resolve models, tokenize the data, and check the vocabularies: one shared by teacher and student,
+    or two that a cross-vocabulary loss compares (neobench.data.alignment).
 
     Cheap checks (device, data file, student path) come before anything slow (dequantizing
     or pruning), so a typo fails in a second, not after minutes. ``fidelity``: the run will score
@@ -174,20 +182,14 @@ def prepare(cfg: RunConfig, need_teacher: bool = True, fidelity: bool = False) -
         check_cross_vocabulary(cfg, teacher_tok, tokenizer, fidelity)
     data = load_training_data(tokenizer, cfg.train_data, cfg.train_split, cfg.seq_len, cfg.max_examples, teacher_tok if cross else None)
     ws = Workspace(teacher_path, student_path, tokenizer, data, len(tokenizer), device, dtype, world, cfg.strategy)
+    if teacher_tok is not None:  # checked on configs, before any weights are loaded or steps taken
+        check_output_rows([(cfg.teacher, teacher_path, len(teacher_tok)), (cfg.student, student_path, len(tokenizer))], not cross)
     if cross:
-        for name, path, vocab in ((cfg.teacher, teacher_path, len(teacher_tok)), (cfg.student, student_path, len(tokenizer))):
-            if output_rows(path) < vocab:
-                raise NeobenchError(f"model {name!r} has {output_rows(path)} output rows but its tokenizer has {vocab} tokens")
         ws.teacher_tokenizer, ws.teacher_vocab_size = teacher_tok, len(teacher_tok)
         if teacher_tok.pad_token_id is None:  # any id will do under the attention mask
             teacher_tok.pad_token_id = teacher_tok.eos_token_id or 0
         if DIVERGENCES.get(cfg.loss).outcomes == "shared":
             ws.pairing = VocabPairing.of(tokenizer, teacher_tok)
-    elif need_teacher:
-        # Checked on tokenizers and configs, before any weights are loaded or steps taken.
-        ws.vocab_size = check_shared_vocabulary(
-            teacher_tok, tokenizer, output_rows(teacher_path), output_rows(student_path), cfg.teacher, cfg.student,
-        )
     return ws
 
 
