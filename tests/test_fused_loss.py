@@ -329,3 +329,21 @@ def test_a_bf16_run_keeps_fp32_masters_and_a_bf16_teacher(tiny_cfg):
         assert frozen == ({torch.bfloat16} if variant else set())
         fp32 = train(dataclasses.replace(cfg, dtype="float32"), prepare(dataclasses.replace(cfg, dtype="float32"))).log
         assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in fp32], rel=2e-2)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_freed_memory_is_kept_for_the_next_tile():
+    """After keep_freed_memory, a freed 64 MB tensor stays in the process (its pages are reused by the
+    next one instead of being faulted in again); glibc's default returns it to the system at once."""
+    from neobench.training.memory import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc on Linux: the allocator is left as it is")
+    tile = torch.ones(16 * 2**20)  # 64 MB, touched
+    before_free = _rss_bytes()
+    del tile
+    assert _rss_bytes() > before_free - 16 * 2**20  # not unmapped (glibc's default drops all 64 MB)

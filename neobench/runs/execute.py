@@ -62,6 +62,9 @@ def execute(cfg: RunConfig, run_id: Optional[str] = None, after_step=None, resum
     A stop signal ends it at a safe point with :class:`neobench.core.stopping.Stopped` (its message says
     what was kept).
     """
+    from neobench.training.memory import keep_freed_memory
+
+    keep_freed_memory()
     with STOP.watching("setup"):  # `neobench run` watches already; a library caller gets the same path
         return _execute(cfg, run_id, after_step, resume)
 

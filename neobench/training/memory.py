@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept = None
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of returning it to the system.
+
+    By default glibc serves every block over its mmap threshold (128 kB, adapting up to 32 MB)
+    with a fresh mmap and unmaps it on free, so each [256 x 49,152] fp32 tile of the fused loss
+    (50 MB), and many activations, costs a page fault per 4 kB page every time: measured as long
+    as the loss's arithmetic. Serving them from the heap and never trimming it reuses those pages.
+    Results are bit-identical (only where memory comes from changes); the peak RSS stays within a
+    few percent (`make bench` shows both). Once per process, Linux with glibc only; True if set.
+    """
+    global _kept
+    if _kept is None:
+        _kept = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+            except (OSError, AttributeError):  # not glibc (musl, say): its allocator is left as it is
+                pass
+    return _kept
 
 
 class PeakMemory:
