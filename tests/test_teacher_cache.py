@@ -112,3 +112,28 @@ def test_hidden_state_cache_filled_while_training_gives_the_online_losses(kd_cfg
     run = train(cfg, prepare(cfg))
     assert run.record["cost"]["teacher_cache"]["hits"] > 0 and run.record["cost"]["teacher_cache"]["misses"] == 4
     assert losses(run.log) == pytest.approx(losses(online), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_teacher_states_do_not_depend_on_which_examples_were_filled_together(kd_cfg, tmp_path, dtype):
+    """Each example's entry is the same bytes whether the whole data set was filled at once or each
+    example alone, in any order: a study's results cannot depend on the cache's history."""
+    import torch
+
+    from neobench.training.teacher_cache import fill
+
+    cfg = dataclasses.replace(kd_cfg, teacher_cache="hidden", dtype=dtype)
+    ws = prepare(cfg)
+    batch_sizes = []
+    teacher_hidden = ws.teacher_hidden
+    ws.teacher_hidden = lambda batch, mask: batch_sizes.append(len(batch["input_ids"])) or teacher_hidden(batch, mask)
+    caches = [TeacherCache(tmp_path / name, CacheMode.parse("hidden"), 1.0, ws.vocab_size) for name in ("all", "one")]
+    n = len(ws.data.examples)
+    fill(caches[0], ws)
+    for i in reversed(range(n)):
+        fill(caches[1], ws, [i])
+    for i, example in enumerate(ws.data.examples):
+        together, alone = (cache.load(i, example) for cache in caches)
+        assert together.dtype == alone.dtype and torch.equal(together, alone), f"example {i}"
+    # one example per teacher forward: with the real teacher in bf16, batches of 8 did change the bytes
+    assert batch_sizes == [1] * (2 * n)

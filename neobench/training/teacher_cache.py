@@ -227,8 +227,12 @@ def store_from_hidden(cache: TeacherCache, index: int, example, hidden: torch.Te
     return cache.store(index, example, logits.cpu())
 
 
-FILL_BATCH = 8
-"""Examples per teacher forward while filling: the teacher is frozen, so a larger batch than training's costs no memory for gradients."""
+FILL_BATCH = 1
+"""Examples per teacher forward while filling: one, so that an entry is the same bytes whatever was
+filled with it. In bf16 a batch's padding and shape change the kernels' rounding: with batches of 8
+sorted by length, the embedded teacher's KL term moved in the 4th digit between a cache filled for
+96 examples and one filled for all 2,000, so a study's numbers depended on the cache's history.
+Alone, the 2,000 examples take 180 s instead of 107 s (once per machine)."""
 
 
 def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
@@ -236,7 +240,7 @@ def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
     returns how many it ran.
 
     ``ws`` is the run's neobench.training.workspace.Workspace (its teacher is loaded only if something
-    is missing). Examples go in batches of similar length, so little of the teacher's compute is padding.
+    is missing). Examples go in batches of :data:`FILL_BATCH`, of similar length.
     A stop signal (Ctrl-C) ends it at a batch boundary: every entry written is whole, and kept.
     """
     from neobench.core.progress import CountProgress
