@@ -137,3 +137,17 @@ def test_cached_teacher_states_do_not_depend_on_which_examples_were_filled_toget
         assert together.dtype == alone.dtype and torch.equal(together, alone), f"example {i}"
     # one example per teacher forward: with the real teacher in bf16, batches of 8 did change the bytes
     assert batch_sizes == [1] * (2 * n)
+
+
+def test_a_run_meeting_uncached_examples_runs_the_teacher_on_each_alone(kd_cfg):
+    """The entries a training run stores are made as fill makes them (one example per teacher forward),
+    not from its micro-batches of 4."""
+    cfg = dataclasses.replace(kd_cfg, teacher_cache="hidden")
+    ws = prepare(cfg)
+    batch_sizes = []
+    teacher_hidden = ws.teacher_hidden
+    ws.teacher_hidden = lambda batch, mask: batch_sizes.append(len(batch["input_ids"])) or teacher_hidden(batch, mask)
+    run = train(cfg, ws)
+    counts = run.record["cost"]["teacher_cache"]
+    assert counts["misses"] == len(ws.data.examples) and counts["hits"] == cfg.max_steps * cfg.batch_size * cfg.grad_accum - counts["misses"]
+    assert batch_sizes == [1] * counts["misses"]

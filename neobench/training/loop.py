@@ -26,7 +26,7 @@ from neobench.models.precision import autocast, cpu_bf16_kernel, dtype_name
 from neobench.training.distributed import World
 from neobench.training.fused_loss import LogitHead, LossSpec, check_head, fused_loss
 from neobench.training.losses import next_token_targets
-from neobench.training.memory import PeakMemory
+from neobench.training.memory import PeakMemory, allocator
 from neobench.training.methods import METHODS, Method
 from neobench.training.optimizers import OPTIMIZERS
 from neobench.training.workspace import Workspace
@@ -82,12 +82,20 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
     """The micro-batch's teacher outputs from the cache, running the teacher for missing examples.
 
     A TeacherHidden (hidden-state cache: the loss projects it as if the teacher had run) or the
-    cached TeacherLogProbs (dense, top-k).
+    cached TeacherLogProbs (dense, top-k). Missing examples go through the teacher as the cache's
+    fill does (neobench.training.teacher_cache.run_teacher), not in this micro-batch, so what is
+    stored does not depend on the examples it was first met with. A sharded teacher (FSDP) is the
+    exception: its forward is collective, so it runs on the micro-batch on every rank.
     """
-    from neobench.training.teacher_cache import concat, store_from_hidden
+    from neobench.training.teacher_cache import concat, run_teacher, store_from_hidden
 
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
+    ran = 0
+    if missing and not ws.shards_teacher:
+        for j, entry in zip(missing, run_teacher(cache, ws, [picks[j] for j in missing])):
+            entries[j] = entry
+        ran, missing = len(missing), []
     head = cache.load_head(ws.device) if cache.holds_hidden else None
     need = bool(missing) or (cache.holds_hidden and head is None)
     if ws.shards_teacher:  # a sharded teacher's forward is collective: every rank runs it if any rank must
@@ -102,8 +110,8 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
             entries[j] = store_from_hidden(cache, picks[j], ws.data.examples[picks[j]], per_example[j], head, ws.dtype)
         if cache.holds_hidden:
             cache.store_head(head)
-    counts["hits"] += len(picks) - len(missing)
-    counts["misses"] += len(missing)
+    counts["hits"] += len(picks) - len(missing) - ran
+    counts["misses"] += len(missing) + ran
     if cache.holds_hidden:
         return ws.as_teacher(torch.cat(entries).to(ws.device), head, batch, mask)
     merged = concat(entries)
@@ -387,6 +395,7 @@ def train(
             "trainable_params": sum(p.numel() for p in trainable),  # a DTensor counts its whole, not its shard
             "total_params": sum(p.numel() for p in (student.parameters() if student is not None else ())),
             "device": ws.device, "dtype": dtype_name(ws.dtype), "torch_threads": torch.get_num_threads(),
+            "allocator": allocator() if ws.device == "cpu" else None,
             "bf16_kernel": cpu_bf16_kernel() if ws.device == "cpu" and ws.dtype == torch.bfloat16 else None,
             "world_size": world.size, "strategy": cfg.strategy if world.distributed else "single",
             "teacher_cache": {"mode": cfg.teacher_cache, "hits": counters["hits"], "misses": counters["misses"],

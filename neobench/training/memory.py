@@ -24,21 +24,34 @@ def keep_freed_memory() -> bool:
     """
     global _kept
     if _kept is None:
-        _kept = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-            except (OSError, AttributeError):  # not glibc (musl, say): its allocator is left as it is
-                pass
+        libc = _glibc()
+        # trim only when more than 2 GB (mallopt's int limit) lies free at the top of the heap
+        _kept = libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _kept
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc's; musl has neither)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def allocator() -> str:
+    """What a run records of the allocator (its peak RSS and speed depend on it)."""
+    return "glibc, freed memory kept" if _kept else "system default"
 
 
 class PeakMemory:
     """Peak memory of a block: CUDA max allocated on GPU, process peak RSS (VmHWM) on CPU.
 
     Writing 5 to /proc/self/clear_refs resets the kernel's RSS high-water mark, so the CPU
-    figure covers only the block, not model loading before it.
+    figure covers only the block, not model loading before it (with :func:`keep_freed_memory`,
+    memory freed before the block is first returned to the system, so it does not count either).
     """
 
     def __init__(self, device: str):
@@ -49,6 +62,8 @@ class PeakMemory:
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            if _kept:  # memory freed before the block, and kept, would otherwise count in its peak
+                _glibc().malloc_trim(0)
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

@@ -11,13 +11,16 @@ are per training example (its response positions only) under
 where the key covers the teacher's fingerprint, the data hash, seq_len, the temperature and the
 mode. hidden stores the teacher's last hidden state [n, H] in the run's compute dtype, and its
 output head once (head.safetensors): the loss then projects them chunk by chunk exactly as it
-does with the teacher running (the same values, none of its decoder's compute; 0.4 GB in bf16
+does with the teacher running (the same values in fp32; in bf16, to the rounding of the batch the
+teacher ran in; none of its decoder's compute; 0.4 GB in bf16
 for the 2,000 embedded examples, against 43 GB for dense). dense stores fp16 log-probabilities
 over the vocabulary [n, V]; topk:K stores the K most likely tokens' fp16 log-probabilities and
 int32 ids [n, K] and the remaining probability mass [n] (fp32); both approximate the teacher.
 Each file carries a sha256 of its tensors and of the example's tokens; a file that fails either
 check is rebuilt, never used. fill() runs the teacher over every example not cached yet, once
-for a whole study (`neobench run` does it before a matrix's first run).
+for a whole study (`neobench run` does it before a matrix's first run). Every entry, filled or met
+by a run, is made by run_teacher with the teacher on that example alone, so its bytes do not
+depend on the cache's history.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class TeacherCache:
             parts = [model_fingerprint(teacher_path), data_hash, seq_len, str(mode), vocab_size, str(dtype)]
         else:
             parts = [model_fingerprint(teacher_path), data_hash, seq_len, temperature, str(mode), vocab_size]
+        parts.append(f"examples per teacher forward: {FILL_BATCH}")  # entries made another way are other bytes
         if tokenizers:
             parts.append(list(tokenizers))
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
@@ -235,21 +239,39 @@ sorted by length, the embedded teacher's KL term moved in the 4th digit between 
 Alone, the 2,000 examples take 180 s instead of 107 s (once per machine)."""
 
 
+def run_teacher(cache: TeacherCache, ws, picks: list[int]) -> list:
+    """Run the teacher on examples ``picks``, :data:`FILL_BATCH` at a time; store and return their entries.
+
+    The one way entries are made (filling, and a run meeting an example the cache lacks), so that
+    an entry's bytes never depend on the micro-batch it was first needed in.
+    """
+    from neobench.data.examples import collate
+
+    examples, entries = ws.data.examples, []
+    for start in range(0, len(picks), FILL_BATCH):
+        group = picks[start : start + FILL_BATCH]
+        batch = collate([examples[i] for i in group], ws.tokenizer.pad_token_id, ws.teacher_pad_id)
+        batch = {k: v.to(ws.device) for k, v in batch.items()}
+        mask, _ = next_token_targets(batch["labels"])
+        teacher = ws.teacher_hidden(batch, mask)
+        for i, rows in zip(group, torch.split(teacher.hidden, mask.sum(1).tolist())):
+            entries.append(store_from_hidden(cache, i, examples[i], rows, teacher.head, ws.dtype))
+    return entries
+
+
 def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
     """Run the teacher once over the examples (``indices``; None: all of ``ws``'s data) the cache lacks;
     returns how many it ran.
 
     ``ws`` is the run's neobench.training.workspace.Workspace (its teacher is loaded only if something
-    is missing). Examples go in batches of :data:`FILL_BATCH`, of similar length.
-    A stop signal (Ctrl-C) ends it at a batch boundary: every entry written is whole, and kept.
+    is missing). A stop signal (Ctrl-C) ends it between examples: every entry written is whole, and kept.
     """
     from neobench.core.progress import CountProgress
     from neobench.core.stopping import STOP
-    from neobench.data.examples import collate
 
     examples = ws.data.examples
     wanted = range(len(examples)) if indices is None else indices
-    missing = sorted((i for i in wanted if not cache.has(i)), key=lambda i: len(examples[i].input_ids))
+    missing = [i for i in wanted if not cache.has(i)]
     if not missing and (not cache.holds_hidden or cache.load_head(ws.device) is not None):
         return 0
     if not missing:  # entries are there but the head is not: the teacher stores it
@@ -263,12 +285,7 @@ def fill(cache: TeacherCache, ws, indices: Optional[list[int]] = None) -> int:
             if STOP.requested:
                 break
             picks = missing[start : start + FILL_BATCH]
-            batch = collate([examples[i] for i in picks], ws.tokenizer.pad_token_id, ws.teacher_pad_id)
-            batch = {k: v.to(ws.device) for k, v in batch.items()}
-            mask, _ = next_token_targets(batch["labels"])
-            teacher = ws.teacher_hidden(batch, mask)
-            for i, rows in zip(picks, torch.split(teacher.hidden, mask.sum(1).tolist())):
-                store_from_hidden(cache, i, examples[i], rows, teacher.head, ws.dtype)
+            run_teacher(cache, ws, picks)
             ran += len(picks)
             progress.update(total - len(missing) + ran)
     return ran
