@@ -91,11 +91,12 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
 
     entries = [cache.load(i, ws.data.examples[i]) for i in picks]
     missing = [j for j, entry in enumerate(entries) if entry is None]
-    ran = 0
+    counts["hits"] += len(picks) - len(missing)
+    counts["misses"] += len(missing)
     if missing and not ws.shards_teacher:
         for j, entry in zip(missing, run_teacher(cache, ws, [picks[j] for j in missing])):
             entries[j] = entry
-        ran, missing = len(missing), []
+        missing = []
     head = cache.load_head(ws.device) if cache.holds_hidden else None
     need = bool(missing) or (cache.holds_hidden and head is None)
     if ws.shards_teacher:  # a sharded teacher's forward is collective: every rank runs it if any rank must
@@ -110,8 +111,6 @@ def cached_teacher(cache, ws: Workspace, batch: dict, mask: torch.Tensor, picks:
             entries[j] = store_from_hidden(cache, picks[j], ws.data.examples[picks[j]], per_example[j], head, ws.dtype)
         if cache.holds_hidden:
             cache.store_head(head)
-    counts["hits"] += len(picks) - len(missing) - ran
-    counts["misses"] += len(missing) + ran
     if cache.holds_hidden:
         return ws.as_teacher(torch.cat(entries).to(ws.device), head, batch, mask)
     merged = concat(entries)

@@ -236,7 +236,7 @@ FILL_BATCH = 1
 filled with it. In bf16 a batch's padding and shape change the kernels' rounding: with batches of 8
 sorted by length, the embedded teacher's KL term moved in the 4th digit between a cache filled for
 96 examples and one filled for all 2,000, so a study's numbers depended on the cache's history.
-Alone, the 2,000 examples take 180 s instead of 107 s (once per machine)."""
+One by one, filling takes longer than in batches of 8, once per machine."""
 
 
 def run_teacher(cache: TeacherCache, ws, picks: list[int]) -> list:
