@@ -21,7 +21,11 @@ the step-1 loss).
 Sides:
   neo   LoRA r=32 on all linear layers, alpha 64 (the preset's adapter):
           neobench `run --method neo` (teacher online; and, as a separate row, with a complete
-          hidden-state teacher cache, which TRL has no counterpart for)
+          hidden-state teacher cache, which TRL has no counterpart for); each also as
+          `run --compile` (--compile both, the default): the student's decoder, and the online
+          teacher's, through torch.compile. Its one-time compile lands in step 1, which the
+          timing leaves out and the "step 1" column shows (1-2 minutes from cold; less when
+          inductor's on-disk cache, /tmp/torchinductor_$USER, already holds the graphs).
           TRL GKDTrainer, off-policy (lmbda=0, beta=0: forward KL, no generation)
           TRL DistillationTrainer, beta=0. TRL 1.13 gives it no off-policy switch (it samples a
           completion from the student every step); the subclass below hands it the data set's
@@ -54,7 +58,7 @@ Objectives differ in two ways the loss column shows:
     per example, predicted almost surely, so it pulls TRL's mean down by about 1 / response length).
   bf16 rows differ further by rounding.
 
-Columns: seconds per optimizer step (median of steps 2..N; each step timed from the end of the
+Columns: the first step's seconds (one-off start-up work: compiling, first-touch allocation), seconds per optimizer step (median of steps 2..N; each step timed from the end of the
 one before, so batching and logging count on both sides), response tokens per second over steps
 2..N (the same response tokens on both sides), peak RSS during training (the same measure on both
 sides: neobench.training.memory.PeakMemory, reset after the models are loaded), useful GFLOP/s over
@@ -284,7 +288,7 @@ def trl_train(spec: dict) -> dict:
 # --- neobench, in a process of its own ----------------------------------------------------------
 
 
-def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: str, cache: str) -> dict:
+def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: str, cache: str, compiled: bool = False) -> dict:
     cfg = workload_config(preset, method, steps, dtype)
     Path(runs_root).mkdir(parents=True, exist_ok=True)
     runs_dir = tempfile.mkdtemp(dir=runs_root)  # one run per folder: the run read back is this one
@@ -293,6 +297,8 @@ def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: 
            "--runs-dir", runs_dir, "--teacher-cache", cache]
     if method == "minillm":
         cmd += ["--minillm-gold-fraction", "0"]
+    if compiled:
+        cmd += ["--compile"]
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"neobench {method} ({dtype}) failed:\n{done.stderr[-2000:]}")
@@ -419,6 +425,8 @@ def main() -> None:
                         "minillm (on-policy, full weights)")
     parser.add_argument("--trainers", default="gkd,distillation", help="TRL trainers for the neo side (kd: gkd)")
     parser.add_argument("--no-cache", action="store_true", help="leave out neobench's teacher-cache row")
+    parser.add_argument("--compile", default="both", choices=("off", "on", "both"),
+                        help="neobench's rows eager (off), with `run --compile` (on), or each way (both)")
     parser.add_argument("--save", type=Path, help="also write the measured rows to this JSON file")
     parser.add_argument("--load", type=Path, help="print the table of rows saved by --save, without training")
     parser.add_argument("--profile", action="store_true", help="instead of the table: top operators of neobench's "
@@ -452,18 +460,23 @@ def main() -> None:
         return
     limit, _ = limits(args.preset)
     rows: list[Row] = []
+    compiled_ways = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
-            for dtype in dtypes:
-                print(f"... neobench {side} {dtype}", file=sys.stderr, flush=True)
-                rows.append(Row("neobench", "run", side, dtype,
-                                neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "off")))
-            if side == "neo" and not args.no_cache:
+            for compiled in compiled_ways:
+                flag = " --compile" if compiled else ""
                 for dtype in dtypes:
-                    print(f"... neobench {side} {dtype}, filling the teacher cache (untimed)", file=sys.stderr, flush=True)
-                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")
-                    rows.append(Row("neobench", "run, teacher cache", side, dtype,
-                                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")))
+                    print(f"... neobench {side} {dtype}{flag}", file=sys.stderr, flush=True)
+                    rows.append(Row("neobench", f"run{flag}", side, dtype,
+                                    neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "off", compiled)))
+                if side == "neo" and not args.no_cache:
+                    for dtype in dtypes:
+                        if compiled == compiled_ways[0]:  # entries do not depend on --compile: one fill serves both
+                            print(f"... neobench {side} {dtype}, filling the teacher cache (untimed)", file=sys.stderr, flush=True)
+                            neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden")
+                        print(f"... neobench {side} {dtype}{flag}, teacher cache", file=sys.stderr, flush=True)
+                        rows.append(Row("neobench", f"run{flag}, teacher cache", side, dtype,
+                                        neobench_train(args.preset, side, args.steps, dtype, f"{tmp}/runs", "hidden", compiled)))
             trainers = {"neo": neo_trainers, "kd": ["gkd"], "minillm": ["onpolicy"]}[side]
             for trainer in trainers:
                 for precision in (TRL_PRECISION[d] for d in dtypes):
@@ -486,17 +499,17 @@ def print_table(preset: str, steps: int, limit: dict, rows: list[Row]) -> None:
           f"{work.config.batch_size} x {work.config.grad_accum} micro-batches, max length {work.config.seq_len}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, bf16 matmuls on {cpu_bf16_kernel()}; "
           f"matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
-    print("| side | tool | trainer | precision | compute | s/step | response tok/s | peak RSS (GiB) | GFLOP/s "
+    print("| side | tool | trainer | precision | compute | step 1 (s) | s/step | response tok/s | peak RSS (GiB) | GFLOP/s "
           "| share of limit | step-1 KL | step-1 loss |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         seconds, r = row.seconds(), row.result
         label = {"default": "default (bf16=True)"}.get(row.precision, row.precision)
-        cells = [row.side, row.tool, row.trainer, label, row.compute(), f"{seconds:.2f}"]
+        cells = [row.side, row.tool, row.trainer, label, row.compute(), f"{r['step_seconds'][0]:.1f}", f"{seconds:.2f}"]
         if row.side == "minillm":  # sampled sequences differ between tools: time and memory only
             cells += ["n/a", f"{r['peak_memory_bytes'] / 2**30:.2f}", "n/a", "n/a", "n/a", "n/a"]
         else:
-            flops = step_flops(work, row.timed_steps, full=row.side == "kd", teacher_runs=row.trainer != "run, teacher cache")
+            flops = step_flops(work, row.timed_steps, full=row.side == "kd", teacher_runs="teacher cache" not in row.trainer)
             achieved = flops / seconds / 1e9
             # held to the limit of the dtype its student's matmuls ran in
             ran = "bfloat16" if "bfloat16" in r["compute"]["student"] else "float32"

@@ -209,3 +209,32 @@ def test_dora_numbers_depend_on_its_fp32_inputs(tiny):
         with torch.no_grad(), autocast("cpu", torch.bfloat16), guard:
             losses.append(model(input_ids=ids).logits.float().logsumexp(-1).mean())
     assert not torch.equal(*losses)
+
+
+@pytest.mark.parametrize("method", ["neo", "kd"])
+def test_compiled_decoders_train_as_the_eager_ones(workspace, method):
+    """--compile: the same losses and weights as eager in fp32 (adapters and full weights, teacher online),
+    saved under the eager model's names, and the compiled graphs really ran."""
+    from torch._dynamo.utils import counters
+
+    base, ws = workspace
+    cfg = dataclasses.replace(base, method=method, max_steps=3)
+    eager = train(cfg, ws)
+    counters.clear()
+    compiled = train(dataclasses.replace(cfg, compile=True), ws)
+    assert counters["stats"]["unique_graphs"] >= 1  # the student's decoder (the teacher's is the workspace's, kept)
+    assert ws._teacher_compiled is not None
+    for a, b in zip(eager.log, compiled.log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6) and b["kd"] == pytest.approx(a["kd"], rel=1e-5, abs=1e-6)
+    assert eager.weights.keys() == compiled.weights.keys()
+    for name, tensor in eager.weights.items():
+        assert torch.allclose(compiled.weights[name], tensor, atol=1e-5), name
+
+
+def test_compile_refuses_several_processes(tiny):
+    from neobench.core.errors import NeobenchError
+    from neobench.training.distributed import World, wrap_student
+
+    model = load_causal_lm(str(tiny["student"]), torch.float32, "cpu")
+    with pytest.raises(NeobenchError, match="single process"):
+        wrap_student(model, "ddp", World(rank=0, size=2), "cpu", torch.float32, compiled=True)

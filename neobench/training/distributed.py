@@ -135,14 +135,34 @@ class ScoredHidden(torch.nn.Module):
     The module DDP and FSDP wrap (their hooks need a forward); see the module docstring.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compiled: bool = False):
         super().__init__()
         self.model = model
+        # A compiled view of the same decoder (it shares the parameters), kept in a tuple so that it is
+        # not a submodule: state_dict keys, checkpoints and saved weights stay those of the eager model.
+        self._compiled = (compile_decoder(model),) if compiled else ()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         from neobench.training.fused_loss import scored_hidden
 
-        return scored_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask}, mask)
+        return scored_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask}, mask, *self._compiled)
+
+
+def compile_decoder(model: torch.nn.Module):
+    """torch.compile of ``model``'s decoder (no head), for every sequence length at once (dynamic shapes).
+
+    Inductor fuses the element-wise work around the matmuls (norms, rotary, activations, LoRA's
+    scaling and casts), which eager PyTorch runs op by op. The first call compiles (1-2 minutes on 2
+    CPU cores; inductor caches the result on disk for later processes); the numbers agree with
+    the eager model's to rounding (fp32: about 1e-6).
+    """
+    import shutil
+
+    from neobench.training.fused_loss import decoder_of
+
+    if next(model.parameters()).device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise NeobenchError("--compile needs a C++ compiler for inductor's CPU kernels: `apt-get install g++`, or leave --compile out")
+    return torch.compile(decoder_of(model), dynamic=True)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -169,10 +189,16 @@ def shard(model: torch.nn.Module, world: World, dtype: torch.dtype, reshard_afte
     return root
 
 
-def wrap_student(model: torch.nn.Module, strategy: str, world: World, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The student as the training loop calls it: ScoredHidden, wrapped for the strategy when world > 1."""
+def wrap_student(
+    model: torch.nn.Module, strategy: str, world: World, device: str, dtype: torch.dtype, compiled: bool = False,
+) -> torch.nn.Module:
+    """The student as the training loop calls it: ScoredHidden, wrapped for the strategy when world > 1.
+
+    ``compiled``: its decoder through torch.compile (one process only: see compile_decoder)."""
     if not world.distributed:
-        return ScoredHidden(model)
+        return ScoredHidden(model, compiled)
+    if compiled:
+        raise NeobenchError("--compile runs in a single process; leave it out with --nproc > 1 or under torchrun")
     if strategy == "fsdp":
         return shard(model, world, dtype)
     from torch.nn.parallel import DistributedDataParallel

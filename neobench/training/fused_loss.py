@@ -98,9 +98,12 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
-def scored_hidden(model: torch.nn.Module, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [N, H] of ``model`` at the positions ``mask`` [B, T] selects, in row-major order."""
-    hidden = decoder_of(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def scored_hidden(model: torch.nn.Module, batch: dict, mask: torch.Tensor, decoder=None) -> torch.Tensor:
+    """Last hidden states [N, H] of ``model`` at the positions ``mask`` [B, T] selects, in row-major order.
+
+    ``decoder``: what computes them instead of ``model``'s own decoder (a compiled view of it)."""
+    decoder = decoder if decoder is not None else decoder_of(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return hidden[mask]
 
 

@@ -136,7 +136,7 @@ def offline_objective(cfg, ws, method, scorer, student_head_of, batch, picks, ca
         hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     teacher = None
     if method.uses_teacher:
-        teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else ws.teacher_hidden(batch, mask)
+        teacher = cached_teacher(cache, ws, batch, mask, picks, cache_counts) if cache is not None else ws.teacher_hidden(batch, mask, cfg.compile)
     parts = fused_loss(hidden, student_head_of(), targets[mask], teacher, loss_spec(cfg, method), ws.dtype)
     ws.release_teacher_shards()
     return {**parts, "tokens": int(mask.sum())}
@@ -258,7 +258,7 @@ def train(
     counters = {"tokens": 0, "response_tokens": 0, "generation_seconds": 0.0, "hits": 0, "misses": 0}
     student.train()
     check_head(student, LogitHead.of(student, ws.vocab_size), ws.student_path)
-    scorer = wrap_student(student, cfg.strategy, world, ws.device, ws.dtype)
+    scorer = wrap_student(student, cfg.strategy, world, ws.device, ws.dtype, cfg.compile)
     # Read per micro-batch: under FSDP the head's weight is whole only between forward and backward.
     student_head_of = lambda: LogitHead.of(student, ws.vocab_size)  # noqa: E731
     trainable = [p for p in scorer.parameters() if p.requires_grad]

@@ -50,6 +50,7 @@ class Workspace:
     _teacher: Optional[torch.nn.Module] = field(default=None, repr=False)
     _teacher_head: Optional[LogitHead] = field(default=None, repr=False)
     _teacher_sharded: Optional[torch.nn.Module] = field(default=None, repr=False)
+    _teacher_compiled: Optional[object] = field(default=None, repr=False)
 
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher, whole, held in the run's compute dtype (it needs no fp32 master copy)."""
@@ -101,19 +102,26 @@ class Workspace:
             check_head(model, LogitHead.of(model, self.teacher_vocab), self.teacher_path)
             self._teacher_sharded = shard(model, self.world, self.dtype, reshard_after_forward=True)
 
-    def teacher_hidden(self, batch: dict, mask: torch.Tensor) -> TeacherHidden:
+    def teacher_hidden(self, batch: dict, mask: torch.Tensor, compiled: bool = False) -> TeacherHidden:
         """The teacher's last hidden states at the scored positions, with its head; no logits, no autograd record.
 
         Across two vocabularies the teacher reads the batch in its own tokens, at the positions
         aligned with the student's (neobench.data.alignment); see :meth:`at_student_rows`.
+        ``compiled``: through a torch.compile'd decoder (a training run's --compile). The teacher
+        cache's entries never are: what it stores must not depend on how a run was configured.
         """
         self.load_teacher_for_training()
         ids, attention, scored = batch["input_ids"], batch["attention_mask"], mask
         if self.cross_vocabulary:
             ids, attention, scored = batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_scored"]
         if self._teacher_sharded is None:
+            if compiled and self._teacher_compiled is None:
+                from neobench.training.distributed import compile_decoder
+
+                self._teacher_compiled = compile_decoder(self._teacher)
             with torch.inference_mode(), autocast(self.device, self.dtype):
-                hidden = scored_hidden(self._teacher, {"input_ids": ids, "attention_mask": attention}, scored)
+                decoder = self._teacher_compiled if compiled else None
+                hidden = scored_hidden(self._teacher, {"input_ids": ids, "attention_mask": attention}, scored, decoder)
             hidden, head = hidden.clone(), self._teacher_head  # clone: a normal tensor autograd may see
         else:
             # FSDP gathers parameters in place, which inference tensors forbid: no_grad instead.
