@@ -66,6 +66,7 @@ def test_variant_alone_runs_llm_neo():
     (["--train-data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
     (["--student", "./nowhere"], "model path './nowhere' does not exist"),
     (["--limit", "0"], "config field 'eval_limit' must be at least 1, got 0"),
+    (["--compile", "--nproc", "2"], "--compile runs in a single process"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
