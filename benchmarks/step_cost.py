@@ -3,6 +3,7 @@ for this code and for an earlier commit (a figure, not a test).
 
     python benchmarks/step_cost.py [--preset smol-cpu] [--steps 3] [--methods sft,lora,kd,neo,minillm]
                                    [--dtypes float32,bfloat16] [--before REV | --before none] [--no-cache]
+                                   [--compile]
 
 Each (code, method, dtype) trains --steps optimizer steps in its own `neobench run` process
 (--tasks none), so its peak memory is its own: process peak RSS during training on CPU, CUDA max
@@ -11,7 +12,13 @@ work of issue 24) checked out in a temporary worktree and run with the same Pyth
 dtypes. Both run the teacher online (--teacher-cache off). "after+cache" rows (kd and neo) read
 every teacher output from a complete hidden-state cache, filled by one untimed run of the same
 steps first: what every run of a study after the first pass costs. --dtypes defaults to float32,
-plus bfloat16 where it is native.
+plus bfloat16 where it is native. --compile adds "after+compile" and "after+cache+compile" rows:
+the same runs with `neobench run --compile` (kd and neo).
+
+Time per step: "s/step" is the run's training time over its steps (step 1 included, as before);
+"s/step 2..N" the median of steps 2..N, which leaves out one-off work such as --compile's
+compiling (its first step's seconds are in "step 1 (s)"). tokens/s, GFLOP/s and the speed ratios
+use the latter.
 
 FLOPs of a step, counted from the model configs (adapter FLOPs, norms and element-wise work are
 left out):
@@ -75,15 +82,28 @@ def step_flops(metrics: dict) -> float | None:
     return total
 
 
-def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, runs_dir: str, cache: str = "off") -> dict:
+def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, runs_dir: str, cache: str = "off",
+            compiled: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(code_dir))
     cmd = [sys.executable, "-m", "neobench.cli", "run", "--preset", preset, "--method", method, "--dtype", dtype,
            "--max-steps", str(steps), "--tasks", "none", "--runs-dir", runs_dir, "--teacher-cache", cache]
+    cmd += ["--compile"] if compiled else []
     done = subprocess.run(cmd, cwd=code_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{method} ({dtype}) in {code_dir} failed:\n{done.stderr[-2000:]}")
     run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
-    return json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    elapsed = [0.0] + [json.loads(line)["elapsed_s"] for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    metrics["step_seconds"] = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    return metrics
+
+
+def steady_seconds(metrics: dict) -> float:
+    """Median seconds of steps 2..N (all steps when there is one)."""
+    import statistics
+
+    times = metrics["step_seconds"]
+    return statistics.median(times[1:] or times)
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -104,6 +124,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="comma-separated; default float32 (+ bfloat16 where native)")
     parser.add_argument("--before", default=BEFORE_THROUGHPUT, help="git revision to compare with, or 'none'")
     parser.add_argument("--no-cache", action="store_true", help="leave out the after+cache rows")
+    parser.add_argument("--compile", action="store_true", help="add after+compile (and after+cache+compile) rows: "
+                        "`neobench run --compile`, kd and neo")
     args = parser.parse_args()
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
     methods = args.methods.split(",")
@@ -117,11 +139,16 @@ def main() -> None:
             plans = [p for d in dtypes for p in (("before", before_dir, d), ("after", REPO, d))]
         if not args.no_cache:
             plans += [("after+cache", REPO, d) for d in dtypes]
+        if args.compile:
+            plans += [("after+compile", REPO, d) for d in dtypes]
+            plans += [("after+cache+compile", REPO, d) for d in dtypes] if not args.no_cache else []
         filled: set[str] = set()
         try:
             for code, code_dir, dtype in plans:
                 for method in methods:
-                    if code == "after+cache":
+                    if code != "after" and code.startswith("after") and method not in ("kd", "neo"):
+                        continue
+                    if "cache" in code:
                         if method not in ("kd", "neo"):
                             continue
                         if dtype not in filled:  # kd and neo read the same entries (same steps, seed and dtype)
@@ -129,8 +156,9 @@ def main() -> None:
                             run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-fill", cache="hidden")
                             filled.add(dtype)
                     print(f"... {code} {method} {dtype}", file=sys.stderr, flush=True)
-                    cache = "hidden" if code == "after+cache" else "off"
-                    rows.append((code, dtype, run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-{code}", cache)))
+                    cache = "hidden" if "cache" in code else "off"
+                    rows.append((code, dtype, run_one(code_dir, args.preset, method, dtype, args.steps, f"{tmp}/runs-{code}",
+                                                      cache, compiled="compile" in code)))
         finally:
             if args.before != "none":
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(Path(tmp) / "before")],
@@ -143,26 +171,28 @@ def main() -> None:
           f"{first['cost']['torch_threads']} threads, {platform.processor() or platform.machine()}, bf16 matmuls on "
           f"{cpu_bf16_kernel()}; matmul limit fp32 {limit['float32']:.0f}, bf16 {limit['bfloat16']:.0f} GFLOP/s\n")
     before = {(r["method"], d): r for code, d, r in rows if code == "before"}
-    print("| code | method | dtype | s/step | tokens/s | peak memory (GiB) | GFLOP/s | share of limit | speed vs before | memory vs before |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| code | method | dtype | step 1 (s) | s/step | s/step 2..N | tokens/s | peak memory (GiB) | GFLOP/s | share of limit "
+          "| speed vs before | memory vs before |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for code, dtype, r in rows:
         c = r["cost"]
         flops = step_flops(r)
-        achieved = flops / c["seconds_per_step"] / 1e9 if flops else None
+        achieved = flops / steady_seconds(r) / 1e9 if flops else None
         old = before.get((r["method"], dtype))
-        speed = f"{old['cost']['seconds_per_step'] / c['seconds_per_step']:.2f}x" if old and code != "before" else ""
+        speed = f"{steady_seconds(old) / steady_seconds(r):.2f}x" if old and code != "before" else ""
         memory = f"{c['peak_memory_bytes'] / old['cost']['peak_memory_bytes']:.2f}x" if old and code != "before" else ""
         label = f"{r['method']}+{r['variant']}" if r["variant"] else r["method"]
-        print(f"| {code} | {label} | {dtype} | {c['seconds_per_step']:.2f} | {c['tokens_per_second']:.0f} | "
+        print(f"| {code} | {label} | {dtype} | {r['step_seconds'][0]:.1f} | {c['seconds_per_step']:.2f} | {steady_seconds(r):.2f} | "
+              f"{r['budget']['tokens'] / r['budget']['steps'] / steady_seconds(r):.0f} | "
               f"{c['peak_memory_bytes'] / 2**30:.2f} | {f'{achieved:.0f}' if achieved else 'n/a'} | "
               f"{f'{achieved / limit[dtype]:.0%}' if achieved else 'n/a'} | {speed} | {memory} |")
-    for code in ("before", "after", "after+cache"):
+    for code in ("before", "after", "after+cache", "after+compile", "after+cache+compile"):
         same = {(r["method"], d): r for c, d, r in rows if c == code}
         for dtype in dtypes:
             kd, neo = same.get(("kd", dtype)), same.get(("neo", dtype))
             if kd and neo:
                 print(f"\nneo vs kd ({code}, {dtype}): peak memory {neo['cost']['peak_memory_bytes'] / kd['cost']['peak_memory_bytes']:.2f}x, "
-                      f"time per step {neo['cost']['seconds_per_step'] / kd['cost']['seconds_per_step']:.2f}x")
+                      f"time per step (2..N) {steady_seconds(neo) / steady_seconds(kd):.2f}x")
 
 
 if __name__ == "__main__":
