@@ -21,11 +21,7 @@ the step-1 loss).
 Sides:
   neo   LoRA r=32 on all linear layers, alpha 64 (the preset's adapter):
           neobench `run --method neo` (teacher online; and, as a separate row, with a complete
-          hidden-state teacher cache, which TRL has no counterpart for); each also as
-          `run --compile` (--compile both, the default): the student's decoder, and the online
-          teacher's, through torch.compile. Its one-time compile lands in step 1, which the
-          timing leaves out and the "step 1" column shows (1-2 minutes from cold; less when
-          inductor's on-disk cache, /tmp/torchinductor_$USER, already holds the graphs).
+          hidden-state teacher cache, which TRL has no counterpart for)
           TRL GKDTrainer, off-policy (lmbda=0, beta=0: forward KL, no generation)
           TRL DistillationTrainer, beta=0. TRL 1.13 gives it no off-policy switch (it samples a
           completion from the student every step); the subclass below hands it the data set's
@@ -57,6 +53,13 @@ Objectives differ in two ways the loss column shows:
     TRL over every token after the prompt, which adds the template's trailing newline (one token
     per example, predicted almost surely, so it pulls TRL's mean down by about 1 / response length).
   bf16 rows differ further by rounding.
+
+--compile (default both): every neobench row also as `run --compile` (every side): the student's
+decoder, and the online teacher's, through torch.compile. Its one-time compile lands in step 1,
+which the timing leaves out and the "step 1" column shows: 1-2.5 minutes from cold on 2 CPU cores,
+less when inductor's on-disk cache (/tmp/torchinductor_$USER) already holds the graphs from an
+earlier run, so that column depends on what ran before. --compile off gives the eager rows only
+(about 9 minutes instead of 37 on 2 cores).
 
 Columns: the first step's seconds (one-off start-up work: compiling, first-touch allocation), seconds per optimizer step (median of steps 2..N; each step timed from the end of the
 one before, so batching and logging count on both sides), response tokens per second over steps

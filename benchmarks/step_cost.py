@@ -17,8 +17,8 @@ the same runs with `neobench run --compile` (kd and neo).
 
 Time per step: "s/step" is the run's training time over its steps (step 1 included, as before);
 "s/step 2..N" the median of steps 2..N, which leaves out one-off work such as --compile's
-compiling (its first step's seconds are in "step 1 (s)"). tokens/s, GFLOP/s and the speed ratios
-use the latter.
+compiling (its first step's seconds are in "step 1 (s)"). GFLOP/s and the speed ratios use the
+latter; tokens/s is the tokens of steps 2..N over their seconds.
 
 FLOPs of a step, counted from the model configs (adapter FLOPs, norms and element-wise work are
 left out):
@@ -93,9 +93,18 @@ def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, ru
         raise SystemExit(f"{method} ({dtype}) in {code_dir} failed:\n{done.stderr[-2000:]}")
     run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
     metrics = json.loads((run / "metrics.json").read_text())
-    elapsed = [0.0] + [json.loads(line)["elapsed_s"] for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    elapsed, tokens = [0.0] + [row["elapsed_s"] for row in log], [0] + [row["tokens"] for row in log]
     metrics["step_seconds"] = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    metrics["step_tokens"] = [b - a for a, b in zip(tokens, tokens[1:])]
     return metrics
+
+
+def steady_tokens_per_second(metrics: dict) -> float:
+    """Tokens over seconds of steps 2..N (all steps when there is one)."""
+    times, tokens = metrics["step_seconds"], metrics["step_tokens"]
+    later = slice(1, None) if len(times) > 1 else slice(None)
+    return sum(tokens[later]) / sum(times[later])
 
 
 def steady_seconds(metrics: dict) -> float:
@@ -183,7 +192,7 @@ def main() -> None:
         memory = f"{c['peak_memory_bytes'] / old['cost']['peak_memory_bytes']:.2f}x" if old and code != "before" else ""
         label = f"{r['method']}+{r['variant']}" if r["variant"] else r["method"]
         print(f"| {code} | {label} | {dtype} | {r['step_seconds'][0]:.1f} | {c['seconds_per_step']:.2f} | {steady_seconds(r):.2f} | "
-              f"{r['budget']['tokens'] / r['budget']['steps'] / steady_seconds(r):.0f} | "
+              f"{steady_tokens_per_second(r):.0f} | "
               f"{c['peak_memory_bytes'] / 2**30:.2f} | {f'{achieved:.0f}' if achieved else 'n/a'} | "
               f"{f'{achieved / limit[dtype]:.0%}' if achieved else 'n/a'} | {speed} | {memory} |")
     for code in ("before", "after", "after+cache", "after+compile", "after+cache+compile"):

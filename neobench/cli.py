@@ -86,7 +86,7 @@ def run(
     strategy: Optional[str] = typer.Option(None, help="With several processes: ddp (whole student per rank) or fsdp (FSDP2, sharded).", rich_help_panel=SCALE),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every K steps and on SIGTERM/SIGINT (0: never); --resume continues.", rich_help_panel=SCALE),
     resume: Optional[str] = typer.Option(None, help="Continue the unfinished run RUN_ID (under --runs-dir) from its last checkpoint, as it was configured.", rich_help_panel=SCALE),
-    compile_decoders: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoders training runs (a one-time compile of 1-2 minutes, then faster steps; single process). Default: off.", show_default=False, rich_help_panel=SYSTEM),
+    compile_decoders: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the decoders training runs (a one-time compile of 1-2.5 minutes on 2 CPU cores, then faster steps; single process). Default: off.", show_default=False, rich_help_panel=SYSTEM),
     save_weights: Optional[bool] = typer.Option(None, "--save-weights/--no-save-weights", help="Store the trained weights for `neobench eval --run` and `neobench export` (default: on).", show_default=False, rich_help_panel=SYSTEM),
     log_to: Optional[str] = typer.Option(None, help="Also log training scalars while training: none or tensorboard (RUN_DIR/tensorboard/; needs `pip install tensorboard`).", rich_help_panel=SYSTEM),
     run_id: Optional[str] = typer.Option(None, hidden=True),

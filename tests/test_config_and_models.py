@@ -168,3 +168,15 @@ def test_registry_refuses_duplicates_and_lists_valid_names_on_a_miss():
         colours.add("red", 2)
     with pytest.raises(NeobenchError, match="unknown colour 'blue'; valid: red"):
         colours.get("blue")
+
+
+def test_compile_without_a_cxx_compiler_is_refused_before_anything_loads(monkeypatch):
+    import shutil
+
+    from neobench.core.errors import NeobenchError
+    from neobench.runs.config import RunConfig, validate
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    validate(RunConfig())  # not asked for: no compiler needed
+    with pytest.raises(NeobenchError, match="needs a C\\+\\+ compiler"):
+        validate(RunConfig(compile=True))

@@ -53,8 +53,6 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
     under_torchrun = launched_world().distributed
     if nproc > 1 and under_torchrun:
         raise NeobenchError("--nproc launches torchrun itself; under torchrun, leave it out (torchrun's --nproc-per-node sets it)")
-    if given.get("compile") and (nproc > 1 or under_torchrun):  # before any process starts (ranks check it too)
-        raise NeobenchError("--compile runs in a single process; leave it out with --nproc > 1 or under torchrun")
     if budgets is not None and "max_steps" in given:
         raise NeobenchError("--budgets sets --max-steps for each budget; leave --max-steps out")
     if budgets is not None and (resume is not None or run_id is not None):
@@ -64,6 +62,8 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
         base, world = None, launched_world()
     else:
         base, world = apply_overrides(load_preset(preset), given, "command-line flags"), launched_world()
+        if base.compile and (nproc > 1 or under_torchrun):  # before any process starts (ranks check it too)
+            raise NeobenchError("--compile runs in a single process; leave it out with --nproc > 1 or under torchrun")
     try:
         if resume is not None:
             resume_run(resume, runs_dir or "runs", given, choices, nproc)

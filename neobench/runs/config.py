@@ -9,6 +9,7 @@ and out-of-range values are errors that name the field.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -143,7 +144,7 @@ class RunConfig:
     """With several processes (torchrun): ddp (whole student per rank) or fsdp (FSDP2, sharded); see neobench.training.distributed."""
     compile: bool = False
     """torch.compile the decoders the training steps run (student forward and backward, the online teacher's
-    forward): fused kernels, faster steps after a one-time compile of about 1-2 minutes on 2 CPU cores (less
+    forward): fused kernels, faster steps after a one-time compile of about 1-2.5 minutes on 2 CPU cores (less
     once inductor's on-disk cache holds the graphs). Pays on long runs; single process only. Evaluation stays eager."""
     save_every: int = 0
     """Write a checkpoint every K optimizer steps, and on SIGTERM/SIGINT, inside the unfinished run (0: none); `neobench run --resume RUN_ID` continues it."""
@@ -319,6 +320,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not ok:
             raise NeobenchError(f"config field {name!r} must be {expected}, got {getattr(cfg, name)!r}")
     check_log_to(cfg.log_to)
+    if cfg.compile and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise NeobenchError("--compile needs a C++ compiler for inductor's kernels: `apt-get install g++`, or leave --compile out")
     return cfg
 
 

@@ -29,9 +29,11 @@ COLUMNS = [
 REFERENCE_METHODS = {"teacher": "teacher", "untrained_student": "untrained"}
 # Config fields that do not change what a run learns: runs differing only in these are seeds of one setting.
 NOT_IN_CONFIG_KEY = {"seed", "runs_dir", "save_weights", "device", "dtype", "preset", "loss_chunk_tokens", "log_to"} | {
-    "study", "trial", "strategy", "save_every", "compile"}
+    "study", "trial", "strategy", "save_every"}
 # Fields added after runs were stored: left out of the key at their default, so those runs keep theirs.
-KEY_ONLY_IF_NOT = {"optimizer": "adamw", "lr_scale": 1.0, "akl_mu": 0.5}
+# compile among them: a compiled run learns the same thing, but its train time (the compiling
+# included) is not an eager run's, and a report must not average the two as seeds of one setting.
+KEY_ONLY_IF_NOT = {"optimizer": "adamw", "lr_scale": 1.0, "akl_mu": 0.5, "compile": False}
 
 
 def config_key(config: dict[str, Any], device: str, dtype: str, world_size: int = 1) -> str:

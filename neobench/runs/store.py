@@ -145,8 +145,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-BOOKKEEPING = ("runs_dir", "log_to", "save_every", "save_weights", "strategy", "compile")
-"""Config fields that say how a run was kept, watched or executed, not what it trained or how it was scored."""
+BOOKKEEPING = ("runs_dir", "log_to", "save_every", "save_weights", "strategy")
+"""Config fields that say how a run was kept or watched, not what it trained or how it was scored."""
 
 
 def finished_like(cfg: RunConfig) -> Optional[Path]:

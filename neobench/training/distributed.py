@@ -152,16 +152,12 @@ def compile_decoder(model: torch.nn.Module):
     """torch.compile of ``model``'s decoder (no head), for every sequence length at once (dynamic shapes).
 
     Inductor fuses the element-wise work around the matmuls (norms, rotary, activations, LoRA's
-    scaling and casts), which eager PyTorch runs op by op. The first call compiles (1-2 minutes on 2
+    scaling and casts), which eager PyTorch runs op by op. The first call compiles (1-2.5 minutes on 2
     CPU cores; inductor caches the result on disk for later processes); the numbers agree with
     the eager model's to rounding (fp32: about 1e-6).
     """
-    import shutil
-
     from neobench.training.fused_loss import decoder_of
 
-    if next(model.parameters()).device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        raise NeobenchError("--compile needs a C++ compiler for inductor's CPU kernels: `apt-get install g++`, or leave --compile out")
     return torch.compile(decoder_of(model), dynamic=True)
 
 

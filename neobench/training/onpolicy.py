@@ -104,7 +104,7 @@ def minillm_objective(
     with autocast(ws.device, ws.dtype):
         hidden = scorer(batch["input_ids"], batch["attention_mask"], mask)
     sampled = fused_loss(
-        hidden, student_head, targets[mask], ws.teacher_hidden(batch, mask),
+        hidden, student_head, targets[mask], ws.teacher_hidden(batch, mask, cfg.compile),
         LossSpec(0.0, n_gold_tokens / n_sampled, "reverse_kl", cfg.temperature, chunk_tokens=chunk), ws.dtype,
     )
     parts = {
