@@ -306,11 +306,12 @@ def neobench_train(preset: str, method: str, steps: int, dtype: str, runs_root: 
     if done.returncode != 0:
         raise SystemExit(f"neobench {method} ({dtype}) failed:\n{done.stderr[-2000:]}")
     (run,) = Path(runs_dir).iterdir()
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    elapsed = [0.0] + [row["elapsed_s"] for row in log]
+    from benchmarks.step_cost import per_step, train_log
+
+    log = train_log(run)
     metrics = json.loads((run / "metrics.json").read_text())
     # neobench's bf16: frozen weights held in bf16, the rest under bf16 autocast (README, precision)
-    return {"step_seconds": [b - a for a, b in zip(elapsed, elapsed[1:])], "loss": log[0]["loss"], "kl": log[0]["kd"],
+    return {"step_seconds": per_step(log, "elapsed_s"), "loss": log[0]["loss"], "kl": log[0]["kd"],
             "peak_memory_bytes": metrics["cost"]["peak_memory_bytes"],
             "compute": {"student": [dtype], "teacher": [dtype]}}
 

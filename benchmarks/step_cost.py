@@ -93,11 +93,20 @@ def run_one(code_dir: Path, preset: str, method: str, dtype: str, steps: int, ru
         raise SystemExit(f"{method} ({dtype}) in {code_dir} failed:\n{done.stderr[-2000:]}")
     run = max(Path(runs_dir).iterdir(), key=lambda p: p.stat().st_mtime)
     metrics = json.loads((run / "metrics.json").read_text())
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    elapsed, tokens = [0.0] + [row["elapsed_s"] for row in log], [0] + [row["tokens"] for row in log]
-    metrics["step_seconds"] = [b - a for a, b in zip(elapsed, elapsed[1:])]
-    metrics["step_tokens"] = [b - a for a, b in zip(tokens, tokens[1:])]
+    log = train_log(run)
+    metrics["step_seconds"], metrics["step_tokens"] = per_step(log, "elapsed_s"), per_step(log, "tokens")
     return metrics
+
+
+def train_log(run: Path) -> list[dict]:
+    """A finished run's train_log.jsonl rows, one per optimizer step."""
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def per_step(log: list[dict], counter: str) -> list[float]:
+    """Each step's share of a running total in the log (elapsed_s: its seconds; tokens: its tokens)."""
+    totals = [0] + [row[counter] for row in log]
+    return [b - a for a, b in zip(totals, totals[1:])]
 
 
 def steady_tokens_per_second(metrics: dict) -> float:

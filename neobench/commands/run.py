@@ -63,7 +63,9 @@ def run_plan(given: dict, choices: tuple, protocol: str, skip_done: bool, nproc:
     else:
         base, world = apply_overrides(load_preset(preset), given, "command-line flags"), launched_world()
         if base.compile and (nproc > 1 or under_torchrun):  # before any process starts (ranks check it too)
-            raise NeobenchError("--compile runs in a single process; leave it out with --nproc > 1 or under torchrun")
+            from neobench.training.distributed import COMPILE_IN_ONE_PROCESS
+
+            raise NeobenchError(COMPILE_IN_ONE_PROCESS)
     try:
         if resume is not None:
             resume_run(resume, runs_dir or "runs", given, choices, nproc)

@@ -148,6 +148,9 @@ class ScoredHidden(torch.nn.Module):
         return scored_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask}, mask, *self._compiled)
 
 
+COMPILE_IN_ONE_PROCESS = "--compile runs in a single process; leave it out with --nproc > 1 or under torchrun"
+
+
 def compile_decoder(model: torch.nn.Module):
     """torch.compile of ``model``'s decoder (no head), for every sequence length at once (dynamic shapes).
 
@@ -194,7 +197,7 @@ def wrap_student(
     if not world.distributed:
         return ScoredHidden(model, compiled)
     if compiled:
-        raise NeobenchError("--compile runs in a single process; leave it out with --nproc > 1 or under torchrun")
+        raise NeobenchError(COMPILE_IN_ONE_PROCESS)
     if strategy == "fsdp":
         return shard(model, world, dtype)
     from torch.nn.parallel import DistributedDataParallel
