@@ -184,7 +184,8 @@ PROTOCOL_TEXT = {
              "= 10 × `lr`), as the LLM-Neo paper compares them.",
     "tuned": "Every method at its own best learning rate: the tune-lr study (and tune-lr-variants, for LLM-Neo's "
              "adapter variants; tune-lr-epoch at one epoch, where it ran: each run takes the tuning nearest its budget) "
-             "tried 4 multiples of the preset rate per method on the validation split (one seed), "
+             "tried a grid of multiples of the preset rate per method on the validation split (one seed; the search "
+             "table below lists them), "
              "and each method here trains at its best multiple over the "
              "seeds shown, scored on the test split like the paper protocol. A method whose best multiple is 1 shows "
              "the paper protocol's runs again.",
