@@ -538,3 +538,41 @@ def test_tuned_configs_take_the_rate_tuned_at_the_nearest_budget(tmp_path):
     planned = [dataclasses.replace(base, max_steps=steps) for steps in (12, 48, 192, 0)]
     tuned = tuned_configs(planned, {})
     assert [(c.max_steps, c.lr_scale) for c in tuned] == [(12, 10.0), (48, 10.0)], "at 192 and E the paper runs serve"
+
+
+def test_without_a_tuning_study_the_committed_leaderboards_trials_choose(tmp_path):
+    """A fresh clone has no ablations.db: `--protocol tuned` takes the rates the committed tuning trials chose."""
+    import dataclasses
+    import json
+
+    import optuna
+
+    from neobench.ablation.tuned import TunedBudget, committed_tuning, tuned_configs
+    from neobench.runs.config import load_preset
+
+    runs, boards = tmp_path / "runs", tmp_path / "leaderboards"
+    base = dataclasses.replace(load_preset("smol-cpu"), runs_dir=str(runs), method="kd")
+    planned = [dataclasses.replace(base, max_steps=steps) for steps in (12, 0)]
+    with pytest.raises(NeobenchError, match="needs the 'tune-lr' study"):
+        tuned_configs(planned, {}, leaderboards=boards)  # neither a study nor a committed board
+
+    def trial(study, steps, stopped_by, method, scale, value, task="neo_heldout_nll"):
+        return {"model": "student", "study": study, "task": task, "metric": "nll", "value": value, "steps": steps,
+                "stopped_by": stopped_by, "method": method, "variant": None, "loss": "forward_kl", "lr_scale": scale}
+
+    rows = [trial("tune-lr", 12, "max_steps", "kd", s, v) for s, v in ((1.0, 4.5), (10.0, 4.0))]
+    rows += [trial("tune-lr-epoch", 250, "epoch", "kd", s, v) for s, v in ((3.16, 2.6), (10.0, 2.7))]
+    rows += [trial("tune-lr", 12, "max_steps", "kd", 1.0, 0.1, task="neo_fidelity"),  # not the objective
+             trial(None, 12, "max_steps", "kd", 1.0, 0.1)]                            # not a trial
+    (boards / "smol-cpu").mkdir(parents=True)
+    (boards / "smol-cpu" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert committed_tuning("smol-cpu", boards)[1] == {TunedBudget(12, 12): {"kd": 10.0}, TunedBudget(0, 250): {"kd": 3.16}}
+    assert [(c.max_steps, c.lr_scale) for c in tuned_configs(planned, {}, leaderboards=boards)] == [(12, 10.0), (0, 3.16)]
+
+    # A study of its own that has not chosen yet is never overridden by the committed board's choice.
+    runs.mkdir()
+    own = optuna.create_study(study_name="tune-lr", storage=f"sqlite:///{runs / 'ablations.db'}", direction="minimize")
+    for key, value in {"preset": "smol-cpu", "budget": {"max_steps": 12}, "fixed": {}}.items():
+        own.set_user_attr(key, value)
+    with pytest.raises(NeobenchError, match="has a finished trial yet"):
+        tuned_configs(planned, {}, leaderboards=boards)

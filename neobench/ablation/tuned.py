@@ -6,6 +6,7 @@
                      applies the very same rule to the stored rows of the leaderboard's tuned tables
     nearest_tuned    which tuned budget a run of some budget takes its rate from (also pure, also shared)
     tuned_lr_scales  the rates, read from the studies' storage
+    committed_tuning the rates that the tuning trials in a committed leaderboard chose (where no storage holds a study)
     tuned_configs    planned runs set to those rates (`neobench run --protocol tuned`)
 """
 
@@ -85,6 +86,26 @@ def best_lr_scales(trials: list[tuple[str, float, float]], minimize: bool) -> di
     return {label: scale for label, (_, scale) in best.items()}
 
 
+def choices_by_budget(trials: list[tuple[TunedBudget, str, float, float]], minimize: bool) -> dict[TunedBudget, dict[str, float]]:
+    """(budget, label, lr_scale, objective) of finished trials -> per budget, smallest first, best_lr_scales of its
+    trials; a budget that chose nothing yet is left out."""
+    found = {}
+    for budget in sorted({t[0] for t in trials}, key=TunedBudget.order):
+        choice = best_lr_scales([(label, scale, value) for b, label, scale, value in trials if b == budget], minimize)
+        if choice:
+            found[budget] = choice
+    return found
+
+
+class NoTuningStudy(NeobenchError):
+    """The storage holds none of the tuning studies (as opposed to holding one that has not chosen yet)."""
+
+
+def budget_of(steps: int, stopped_by: str) -> TunedBudget:
+    """The tuned budget of a run that took ``steps`` optimizer steps and stopped by ``stopped_by`` ("epoch": one epoch)."""
+    return TunedBudget(0 if stopped_by == "epoch" else int(steps), int(steps))
+
+
 def study_for(label: str, studies: tuple[str, ...]) -> Optional[str]:
     """The shipped tuning study that tunes ``label``: the methods' own, LLM-Neo's adapter variants'
     (neo+dora, ...), or none (lora+dora and the like are not searched)."""
@@ -108,7 +129,7 @@ def tuned_lr_scales_by_budget(
     needs = f"the tuned protocol needs the {study_names[0]!r} study" + (
         f" (and {study_names[1]!r} for adapter variants)" if len(study_names) > 1 else "")
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise NeobenchError(f"{needs}, and {url} does not exist; {hint}")
+        raise NoTuningStudy(f"{needs}, and {url} does not exist; {hint}")
     rows, directions = [], set()
     for study_name in study_names:
         try:
@@ -125,14 +146,12 @@ def tuned_lr_scales_by_budget(
             cfg = apply_overrides(base, {k: v for k, v in t.params.items()}, f"trial {t.number}")
             rows.append((budget, label_of(cfg.method, cfg.effective_variant(), None), cfg.lr_scale, float(t.value)))
     if not directions:
-        raise NeobenchError(f"{needs}, which {url} does not hold; {hint}")
+        raise NoTuningStudy(f"{needs}, which {url} does not hold; {hint}")
     if len(directions) > 1:
         raise NeobenchError(f"the tuning studies in {url} disagree on the direction of their objective; they cannot choose together")
     if not rows:
         raise NeobenchError(f"no tuning study in {url} has a finished trial yet; {hint}")
-    minimize = directions == {optuna.study.StudyDirection.MINIMIZE}
-    return {budget: best_lr_scales([(l, s, v) for b, l, s, v in rows if b == budget], minimize)
-            for budget in sorted({r[0] for r in rows}, key=TunedBudget.order)}
+    return choices_by_budget(rows, minimize=directions == {optuna.study.StudyDirection.MINIMIZE})
 
 
 def trial_steps(runs_dir: str, trials: list) -> int:
@@ -152,12 +171,39 @@ def tuned_lr_scales(runs_dir: str, storage: Optional[str] = None, study_names: t
     return by_budget[min(by_budget, key=TunedBudget.order)]
 
 
-def tuned_configs(cfgs: list, given: dict) -> list:
+TUNING_OBJECTIVE = ("neo_heldout_nll", "nll")
+"""The (task, metric) every tuning study minimises: held-out NLL on the validation split."""
+
+
+def committed_tuning(preset: str, leaderboards: Path = Path("leaderboards")) -> tuple[Path, dict[TunedBudget, dict[str, float]]]:
+    """The choices of the tuning trials that the committed ``leaderboards/<preset>/results.jsonl`` holds, per budget
+    (empty if none): the tuned protocol's rates on a machine whose runs directory holds no tuning study, such as a
+    fresh clone. The same rule as the studies' own (best_lr_scales), so the same rates."""
+    path = leaderboards / preset / "results.jsonl"
+    trials = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if (row["model"] == "student" and row.get("study") in TUNING_STUDIES
+                    and (row["task"], row["metric"]) == TUNING_OBJECTIVE and row.get("value") is not None):
+                trials.append((budget_of(row["steps"], row["stopped_by"]), label_of(row["method"], row["variant"], row["loss"]), float(row["lr_scale"]), float(row["value"])))
+    return path, choices_by_budget(trials, minimize=True)
+
+
+def tuned_configs(cfgs: list, given: dict, leaderboards: Path = Path("leaderboards")) -> list:
     """The planned runs, each at the lr_scale its tuning study chose (tune-lr; tune-lr-variants for LLM-Neo's variants),
-    at the tuned budget nearest the run's own (tune-lr-epoch tunes one epoch)."""
+    at the tuned budget nearest the run's own (tune-lr-epoch tunes one epoch). Where the runs directory's storage holds
+    no tuning study, the committed leaderboard's tuning trials choose (committed_tuning), and a line says so."""
     if "lr_scale" in given:
         raise NeobenchError("--protocol tuned sets each method's --lr-scale from the tune-lr study; leave --lr-scale out")
-    by_budget = tuned_lr_scales_by_budget(cfgs[0].runs_dir)
+    try:
+        by_budget = tuned_lr_scales_by_budget(cfgs[0].runs_dir)
+    except NoTuningStudy as no_study:
+        path, by_budget = committed_tuning(cfgs[0].preset, leaderboards)
+        if not by_budget:
+            raise no_study
+        console.print(f"tuned protocol: {cfgs[0].runs_dir}/ holds no tuning study; the rates are the ones that "
+                      f"the tuning trials in {path} chose", highlight=False)
     tuned, said = [], set()
     for cfg in cfgs:
         label = label_of(cfg.method, cfg.effective_variant(), None)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import pandas as pd
 
-from neobench.ablation.tuned import TUNING_STUDIES, TunedBudget, best_lr_scales, nearest_tuned
+from neobench.ablation.tuned import TUNING_OBJECTIVE, TUNING_STUDIES, TunedBudget, budget_of, choices_by_budget, nearest_tuned
 from neobench.reporting.selection import Selection, student_order
 from neobench.reporting.tables import Table
 from neobench.training.labels import label_of
@@ -45,31 +45,18 @@ def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def tuned_choice(trials: pd.DataFrame) -> dict[str, float]:
-    """label -> the lr_scale with the lowest validation NLL among ``tuning_trials``, for labels whose search
-    is complete (as many rates tried as the most-tried label): a half-finished study chooses nothing yet."""
-    return best_lr_scales(list(zip(trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
-
-
-def tuned_budget(steps, stopped_by) -> TunedBudget:
-    return TunedBudget(0 if stopped_by == "epoch" else int(steps), int(steps))
-
-
 def tuned_choices(trials: pd.DataFrame) -> dict[TunedBudget, dict[str, float]]:
-    """tuned_choice per budget the tuning trials trained at (smallest first); empty where nothing is chosen yet."""
-    budgets = [tuned_budget(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
-    found = {}
-    for budget in sorted(set(budgets), key=TunedBudget.order):
-        choice = tuned_choice(trials[[b == budget for b in budgets]])
-        if choice:
-            found[budget] = choice
-    return found
+    """The tuning trials' choice (lowest validation NLL, for labels whose search is complete) per budget they
+    trained at, smallest first; empty where nothing is chosen yet. The studies' own rule: choices_by_budget."""
+    budgets = [budget_of(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
+    return choices_by_budget(list(zip(budgets, trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
 
 
 def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
     """The tuning studies' trial rows of their objective (validation NLL), one per trial."""
     students = rows[(rows["model"] == "student") & rows["study"].isin(TUNING_STUDIES)]
-    return students[(students["task"] == "neo_heldout_nll") & (students["metric"] == "nll")]
+    task, metric = TUNING_OBJECTIVE
+    return students[(students["task"] == task) & (students["metric"] == metric)]
 
 
 def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str, str]]]:
@@ -108,7 +95,7 @@ def tuning_table(rows: pd.DataFrame) -> Table:
     there are several); bold: the choice. A note says how the choice moved from the smallest budget to the largest."""
     trials = tuning_trials(with_labels(rows))
     by_budget = tuned_choices(trials)
-    budgets = [tuned_budget(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
+    budgets = [budget_of(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
     several = len(set(budgets)) > 1
     scales = sorted(set(trials["lr_scale"]))
     display_rows, numeric_rows = [], []
