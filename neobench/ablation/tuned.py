@@ -6,6 +6,8 @@
                      applies the very same rule to the stored rows of the leaderboard's tuned tables
     nearest_tuned    which tuned budget a run of some budget takes its rate from (also pure, also shared)
     tuned_lr_scales  the rates, read from the studies' storage
+    tuning_trials, tuned_choices
+                     the same rule applied to stored result rows (the report's tuned tables)
     committed_tuning the rates that the tuning trials in a committed leaderboard chose (where no storage holds a study)
     tuned_configs    planned runs set to those rates (`neobench run --protocol tuned`)
 """
@@ -17,13 +19,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from neobench.ablation.storage import default_storage, open_storage
 from neobench.core.errors import NeobenchError
 from neobench.core.progress import console
 from neobench.runs.config import apply_overrides, load_preset
 from neobench.training.labels import label_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TUNING_STUDY = "tune-lr"
 """The study whose best trial per method (sft, lora, kd, neo) sets that method's lr_scale under `--protocol tuned`."""
@@ -175,19 +180,32 @@ TUNING_OBJECTIVE = ("neo_heldout_nll", "nll")
 """The (task, metric) every tuning study minimises: held-out NLL on the validation split."""
 
 
+def tuning_trials(rows: "pd.DataFrame") -> "pd.DataFrame":
+    """The tuning studies' trial rows of their objective (validation NLL), one per trial, out of tidy result rows."""
+    students = rows[(rows["model"] == "student") & rows["study"].isin(TUNING_STUDIES)]
+    task, metric = TUNING_OBJECTIVE
+    return students[(students["task"] == task) & (students["metric"] == metric)]
+
+
+def tuned_choices(trials: "pd.DataFrame") -> dict[TunedBudget, dict[str, float]]:
+    """The choice of ``tuning_trials`` rows (with a ``label`` column) per budget they trained at, smallest first;
+    empty where nothing is chosen yet. The rule the studies' storage is read with: choices_by_budget."""
+    budgets = [budget_of(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
+    return choices_by_budget(list(zip(budgets, trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
+
+
 def committed_tuning(preset: str, leaderboards: Path = Path("leaderboards")) -> tuple[Path, dict[TunedBudget, dict[str, float]]]:
     """The choices of the tuning trials that the committed ``leaderboards/<preset>/results.jsonl`` holds, per budget
     (empty if none): the tuned protocol's rates on a machine whose runs directory holds no tuning study, such as a
-    fresh clone. The same rule as the studies' own (best_lr_scales), so the same rates."""
+    fresh clone. The report's own rule (tuning_trials, tuned_choices), so the rates its tuning table shows."""
+    from neobench.runs.results import read_rows
+
     path = leaderboards / preset / "results.jsonl"
-    trials = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if (row["model"] == "student" and row.get("study") in TUNING_STUDIES
-                    and (row["task"], row["metric"]) == TUNING_OBJECTIVE and row.get("value") is not None):
-                trials.append((budget_of(row["steps"], row["stopped_by"]), label_of(row["method"], row["variant"], row["loss"]), float(row["lr_scale"]), float(row["value"])))
-    return path, choices_by_budget(trials, minimize=True)
+    if not path.is_file():
+        return path, {}
+    trials = tuning_trials(read_rows(path))
+    labels = [label_of(m, v, l) for m, v, l in zip(trials["method"], trials["variant"], trials["loss"])]
+    return path, tuned_choices(trials.assign(label=labels))
 
 
 def tuned_configs(cfgs: list, given: dict, leaderboards: Path = Path("leaderboards")) -> list:

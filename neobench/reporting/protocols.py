@@ -10,7 +10,7 @@ from typing import Optional
 
 import pandas as pd
 
-from neobench.ablation.tuned import TUNING_OBJECTIVE, TUNING_STUDIES, TunedBudget, budget_of, choices_by_budget, nearest_tuned
+from neobench.ablation.tuned import TunedBudget, budget_of, nearest_tuned, tuned_choices, tuning_trials
 from neobench.reporting.selection import Selection, student_order
 from neobench.reporting.tables import Table
 from neobench.training.labels import label_of
@@ -43,20 +43,6 @@ def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
     rows["label"] = [label_of(m, v, l) for m, v, l in zip(rows["method"], rows["variant"], rows["loss"])]
     rows["lr_scale"] = rows["lr_scale"].astype(float).fillna(1.0)
     return rows
-
-
-def tuned_choices(trials: pd.DataFrame) -> dict[TunedBudget, dict[str, float]]:
-    """The tuning trials' choice (lowest validation NLL, for labels whose search is complete) per budget they
-    trained at, smallest first; empty where nothing is chosen yet. The studies' own rule: choices_by_budget."""
-    budgets = [budget_of(s, b) for s, b in zip(trials["steps"], trials["stopped_by"])]
-    return choices_by_budget(list(zip(budgets, trials["label"], trials["lr_scale"], trials["value"])), minimize=True)
-
-
-def tuning_trials(rows: pd.DataFrame) -> pd.DataFrame:
-    """The tuning studies' trial rows of their objective (validation NLL), one per trial."""
-    students = rows[(rows["model"] == "student") & rows["study"].isin(TUNING_STUDIES)]
-    task, metric = TUNING_OBJECTIVE
-    return students[(students["task"] == task) & (students["metric"] == metric)]
 
 
 def split_protocols(rows: pd.DataFrame) -> tuple[list[Protocol], list[tuple[str, str]]]:
